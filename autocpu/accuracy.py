@@ -1,0 +1,177 @@
+"""The accuracy gate: a candidate's outputs against the fp32 eager reference.
+
+Four numbers per output tensor: max absolute difference, that difference relative to the
+reference's scale (its max absolute value), cosine similarity, and, for logits, how often the
+argmax agrees. A tolerance bounds the relative difference, cosine and argmax agreement
+(optionally the absolute difference too); presets cover fp32-faithful, bf16- and int8-level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from autocpu.errors import AutocpuError
+from autocpu.outputs import named_tensors
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a candidate's outputs may drift from the fp32 eager reference."""
+
+    max_rel: float = 1e-4
+    min_cosine: float = 0.99999
+    min_argmax: float = 1.0
+    max_abs: float | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        bad = []
+        if not (math.isfinite(self.max_rel) and self.max_rel > 0):
+            bad.append(f"max_rel={self.max_rel}")
+        if not (-1.0 <= self.min_cosine <= 1.0):
+            bad.append(f"min_cosine={self.min_cosine}")
+        if not (0.0 <= self.min_argmax <= 1.0):
+            bad.append(f"min_argmax={self.min_argmax}")
+        if self.max_abs is not None and not (math.isfinite(self.max_abs) and self.max_abs > 0):
+            bad.append(f"max_abs={self.max_abs}")
+        if bad:
+            raise AutocpuError(
+                f"bad tolerance: {', '.join(bad)}",
+                "use max_rel > 0, min_cosine in [-1, 1], min_argmax in [0, 1], max_abs > 0 "
+                "(or a preset: 'strict', 'bf16', 'int8')",
+            )
+
+    @classmethod
+    def strict(cls) -> Tolerance:
+        """fp32-faithful: only reordering of float math (measured ~1e-6 relative)."""
+        return cls(max_rel=1e-4, min_cosine=0.99999, min_argmax=1.0, name="strict")
+
+    @classmethod
+    def bf16(cls) -> Tolerance:
+        """bf16-level: bf16 weights or autocast (measured 0.5-2% relative on bert-base)."""
+        return cls(max_rel=0.05, min_cosine=0.999, min_argmax=0.95, name="bf16")
+
+    @classmethod
+    def int8(cls) -> Tolerance:
+        """int8-level: dynamic int8 quantization (measured ~4% relative, cosine 0.999)."""
+        return cls(max_rel=0.15, min_cosine=0.99, min_argmax=0.9, name="int8")
+
+    @classmethod
+    def parse(cls, value: Any) -> Tolerance:
+        """Accept a Tolerance, a preset name, a dict of fields, or a number (``max_rel``)."""
+        if isinstance(value, Tolerance):
+            return value
+        if value is None:
+            return cls.strict()
+        if isinstance(value, str):
+            presets = {"strict": cls.strict, "fp32": cls.strict, "bf16": cls.bf16, "int8": cls.int8}
+            if value.lower() in presets:
+                return presets[value.lower()]()
+            try:
+                return cls(max_rel=float(value), min_cosine=-1.0, min_argmax=0.0)
+            except ValueError:
+                pass
+        if isinstance(value, dict):
+            try:
+                return cls(**value)
+            except TypeError as error:
+                raise AutocpuError(f"bad tolerance fields: {error}", _TOLERANCE_FIX) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(max_rel=float(value), min_cosine=-1.0, min_argmax=0.0)
+        raise AutocpuError(f"bad tolerance {value!r}", _TOLERANCE_FIX)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_TOLERANCE_FIX = (
+    "use 'strict', 'bf16', 'int8', a relative difference such as 0.01, "
+    "or Tolerance(max_rel=..., min_cosine=..., min_argmax=...)"
+)
+
+
+@dataclass
+class AccuracyReport:
+    """Worst-case numbers over every output tensor and batch, and what failed."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    min_cosine: float = 1.0
+    min_argmax: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def merge(self, other: AccuracyReport) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        self.min_cosine = min(self.min_cosine, other.min_cosine)
+        if other.min_argmax is not None:
+            self.min_argmax = min(self.min_argmax if self.min_argmax is not None else 1.0,
+                                  other.min_argmax)
+        self.failures.extend(other.failures)
+
+
+def _tensor_numbers(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
+    ref64, got64 = ref.detach().double().flatten(), got.detach().double().flatten()
+    diff = (ref64 - got64).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+    rel = max_abs / scale if scale > 0 else max_abs
+    denom = float(ref64.norm() * got64.norm())
+    cosine = float(ref64 @ got64) / denom if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    return max_abs, rel, cosine
+
+
+def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> AccuracyReport:
+    """Compare every tensor the reference returns (caches excepted) with the candidate's."""
+    ref_tensors = named_tensors(reference)
+    got_tensors = named_tensors(candidate)
+    report = AccuracyReport()
+    for name, ref in ref_tensors.items():
+        got = got_tensors.get(name)
+        if got is None:
+            report.failures.append(f"output {name!r} missing")
+            continue
+        if tuple(got.shape) != tuple(ref.shape):
+            report.failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+            continue
+        if not torch.isfinite(got.float()).all() and torch.isfinite(ref.float()).all():
+            report.failures.append(f"{name}: non-finite values")
+            continue
+        max_abs, rel, cosine = _tensor_numbers(ref, got)
+        report.max_abs = max(report.max_abs, max_abs)
+        report.max_rel = max(report.max_rel, rel)
+        report.min_cosine = min(report.min_cosine, cosine)
+        if rel > tolerance.max_rel:
+            report.failures.append(f"{name}: relative diff {rel:.2e} > {tolerance.max_rel:.0e}")
+        if tolerance.max_abs is not None and max_abs > tolerance.max_abs:
+            report.failures.append(f"{name}: abs diff {max_abs:.2e} > {tolerance.max_abs:.0e}")
+        if cosine < tolerance.min_cosine:
+            report.failures.append(f"{name}: cosine {cosine:.6f} < {tolerance.min_cosine}")
+        if name.endswith("logits") and ref.dim() >= 1 and ref.shape[-1] > 1:
+            agree = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+            report.min_argmax = min(report.min_argmax if report.min_argmax is not None else 1.0,
+                                    agree)
+            if agree < tolerance.min_argmax:
+                report.failures.append(f"{name}: argmax agreement {agree:.3f} < "
+                                       f"{tolerance.min_argmax}")
+    return report
+
+
+def compare_batches(references: list[Any], candidates: list[Any], tolerance: Tolerance
+                    ) -> AccuracyReport:
+    """Worst case over several batches."""
+    total = AccuracyReport()
+    for reference, candidate in zip(references, candidates, strict=True):
+        total.merge(compare_outputs(reference, candidate, tolerance))
+    return total

@@ -1,0 +1,275 @@
+"""``tune()`` and ``apply_plan()``: the two calls most users need."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocpu.accuracy import Tolerance
+from autocpu.backends import Backend, BuildContext, all_backends, get_backend
+from autocpu.errors import AutocpuError
+from autocpu.inputs import Batch, normalize_inputs, signature
+from autocpu.models import ModelSpec, make_spec
+from autocpu.plans import Plan, PlanCache, current_versions, plan_key
+from autocpu.probe import CpuInfo, probe
+from autocpu.search import ProgressCallback, Search, SearchResult, TrialRecord, TrialRunner
+from autocpu.tuned import TunedModel, wrap
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRIALS = 20
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class AutocpuWarning(UserWarning):
+    """Something the user should know that does not stop the call (e.g. a plan not reused)."""
+
+
+def select_backends(names: list[str] | None) -> list[Backend]:
+    if names is None:
+        return all_backends()
+    if isinstance(names, str) or not names:
+        raise AutocpuError(
+            f"backends must be a non-empty list of names, got {names!r}",
+            f"pass e.g. backends=['eager', 'torchscript'] from {[b.name for b in all_backends()]}",
+        )
+    return [get_backend(name) for name in names]
+
+
+def reference_outputs(spec: ModelSpec, batches: list[Batch]) -> list[Any]:
+    """The fp32 eager outputs every candidate must match; also proves the inputs fit."""
+    wrong = sorted({str(p.dtype) for p in spec.model.parameters() if p.dtype != torch.float32})
+    if wrong:
+        raise AutocpuError(
+            f"the model's weights are {', '.join(wrong)}, not float32",
+            "tune the fp32 model (model.float()): autocpu tries lower precisions itself",
+        )
+    try:
+        with torch.inference_mode():
+            return [spec.model(**batch) for batch in batches]
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise AutocpuError(
+            f"the model rejected example_inputs ({type(error).__name__}: {first})",
+            "pass the inputs you call the model with, e.g. tokenizer(texts, return_tensors='pt')",
+        ) from error
+
+
+def _why_unusable(plan: Plan, hw: CpuInfo) -> str | None:
+    if plan.machine.get("fingerprint") != hw.fingerprint():
+        return "it was measured on another machine (fingerprint differs)"
+    changed = plan.version_mismatches()
+    if changed:
+        return f"versions changed since it was measured ({', '.join(changed)})"
+    return None
+
+
+def _eligibility(
+    backends: list[Backend], spec: ModelSpec, hw: CpuInfo
+) -> tuple[list[Backend], list[TrialRecord]]:
+    eligible, skipped = [], []
+    for backend in backends:
+        available = backend.availability(spec, hw)
+        if available.ok:
+            eligible.append(backend)
+        else:
+            reason = available.reason + (f" (fix: {available.fix})" if available.fix else "")
+            skipped.append(TrialRecord(backend.name, {}, status="ineligible", reason=reason))
+    return eligible, skipped
+
+
+def _make_plan(
+    key: str,
+    spec: ModelSpec,
+    batches: list[Batch],
+    hw: CpuInfo,
+    tolerance: Tolerance,
+    backends: list[str] | None,
+    result: SearchResult,
+    skipped: list[TrialRecord],
+    seconds: float,
+) -> Plan:
+    winner = result.winner
+    backend_packages = sorted({p for b in all_backends() for p in b.requires})
+    return Plan(
+        key=key,
+        backend=winner.backend,
+        params=winner.params,
+        task=spec.task,
+        model=spec.fingerprint,
+        inputs=signature(batches),
+        machine={**hw.to_dict(), "fingerprint": hw.fingerprint()},
+        tolerance=tolerance.to_dict(),
+        versions=current_versions(backend_packages),
+        backends=backends,
+        baseline=result.baseline.to_dict(),
+        winner=result.winner_stats.to_dict(),
+        speedup=result.speedup,
+        speedup_iqr=list(result.speedup_iqr),
+        accuracy=winner.accuracy or {},
+        one_time_costs={
+            "build_s": winner.build_s or 0.0,
+            "first_call_s": winner.first_call_s or 0.0,
+        },
+        decision=result.decision,
+        trials=[r.to_dict() for r in [*result.records, *skipped]],
+        tune_seconds=seconds,
+    )
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    tolerance: Tolerance | str | float | dict = "strict",
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    backends: list[str] | None = None,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    task: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> TunedModel:
+    """Find the fastest way to run ``model`` on this CPU within ``tolerance``.
+
+    ``example_inputs``: one batch (dict of tensors or a tokenizer's BatchEncoding) or a list of
+    batches; latency is one pass over all of them. A matching cached plan is reused without
+    searching. Returns a drop-in model; ``.plan`` holds the evidence, ``.explain()`` the table.
+    """
+    tol = Tolerance.parse(tolerance)
+    if n_trials is not None and n_trials < 1:
+        raise AutocpuError(f"n_trials={n_trials} is not positive", "pass n_trials >= 1")
+    if timeout is not None and timeout <= 0:
+        raise AutocpuError(f"timeout={timeout} is not positive", "pass a timeout in seconds > 0")
+    selected = select_backends(backends)
+    spec = make_spec(model, task)
+    batches = normalize_inputs(example_inputs)
+    hw = probe()
+    plans = PlanCache(Path(cache_dir) if cache_dir else None)
+    key = plan_key(spec.fingerprint, signature(batches), hw.fingerprint(), tol.to_dict(), backends)
+    if cache:
+        cached = _cached_model(plans, key, spec, batches, hw)
+        if cached is not None:
+            return cached
+
+    started = time.perf_counter()
+    references = reference_outputs(spec, batches)
+    eligible, skipped = _eligibility(selected, spec, hw)
+    ctx = BuildContext(hw, batches, plans.artifacts_dir(spec.fingerprint_id))
+    trial_runner = TrialRunner(spec, batches, references, tol, ctx)
+    result = Search(
+        trial_runner,
+        eligible,
+        hw,
+        n_trials=n_trials if n_trials is not None or timeout is not None else DEFAULT_TRIALS,
+        timeout=timeout if timeout is not None or n_trials is not None else DEFAULT_TIMEOUT_S,
+        progress=progress,
+    ).run()
+    plan = _make_plan(key, spec, batches, hw, tol, backends, result, skipped,
+                      time.perf_counter() - started)
+    if cache:
+        plans.save(plan)
+    runner, _ = trial_runner.runner(get_backend(plan.backend), plan.params)
+    return wrap(spec.model, runner, plan, from_cache=False)
+
+
+def _cached_model(
+    plans: PlanCache, key: str, spec: ModelSpec, batches: list[Batch], hw: CpuInfo
+) -> TunedModel | None:
+    plan = plans.load(key)
+    if plan is None:
+        return None
+    reason = _why_unusable(plan, hw)
+    if reason is not None:
+        warnings.warn(f"cached plan {key[:12]} not used: {reason}; re-tuning", AutocpuWarning,
+                      stacklevel=3)
+        return None
+    try:
+        return build_tuned(spec, plan, batches, plans, from_cache=True)
+    except Exception as error:  # a plan that no longer builds is re-tuned, not fatal
+        warnings.warn(f"cached plan {key[:12]} failed to rebuild ({error}); re-tuning",
+                      AutocpuWarning, stacklevel=3)
+        return None
+
+
+def build_tuned(
+    spec: ModelSpec, plan: Plan, batches: list[Batch], plans: PlanCache, *, from_cache: bool
+) -> TunedModel:
+    """Rebuild a plan's winner for ``spec`` (no search, no measurement)."""
+    backend = get_backend(plan.backend)
+    ctx = BuildContext(probe(), batches, plans.artifacts_dir(spec.fingerprint_id))
+    runner = backend.bind(backend.build(spec, plan.params, ctx), plan.params)
+    return wrap(spec.model, runner, plan, from_cache=from_cache)
+
+
+def load_plan(source: Plan | str | Path, cache_dir: str | Path | None = None) -> Plan:
+    """A Plan object, a path to a plan JSON file, or a cached plan's key (prefix)."""
+    if isinstance(source, Plan):
+        return source
+    path = Path(source)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise AutocpuError(f"no plan file at {path}", "pass a path written by autocpu")
+        try:
+            return Plan.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise AutocpuError(f"{path} is not a valid plan ({error})",
+                               "re-export it with 'autocpu plans show KEY --json'") from None
+    return PlanCache(Path(cache_dir) if cache_dir else None).find(str(source))
+
+
+def synthesize_from_signature(plan: Plan) -> list[Batch]:
+    """Inputs with the plan's names, shapes and dtypes (ones for masks, zeros elsewhere)."""
+    batches = []
+    for batch in plan.inputs:
+        made: Batch = {}
+        for name, spec in batch.items():
+            if "shape" not in spec:
+                continue
+            dtype = getattr(torch, spec["dtype"])
+            fill = torch.ones if "mask" in name else torch.zeros
+            made[name] = fill(spec["shape"], dtype=dtype)
+        batches.append(made)
+    return batches
+
+
+def apply_plan(
+    model: torch.nn.Module,
+    plan: Plan | str | Path,
+    example_inputs: Any = None,
+    *,
+    cache_dir: str | Path | None = None,
+) -> TunedModel:
+    """Apply a saved plan to ``model`` without searching.
+
+    Warns when the plan was made for other weights, another machine or other versions: its
+    speed and accuracy were measured there, not here.
+    """
+    plan = load_plan(plan, cache_dir)
+    spec = make_spec(model, plan.task)
+    if spec.fingerprint["architecture"] != plan.model.get("architecture"):
+        raise AutocpuError(
+            f"plan {plan.key[:12]} is for {plan.model.get('architecture')}, "
+            f"not {spec.fingerprint['architecture']}",
+            "apply a plan made for this architecture, or run autocpu.tune()",
+        )
+    notes = []
+    if spec.fingerprint != plan.model:
+        notes.append("it was tuned on other weights or config")
+    reason = _why_unusable(plan, probe())
+    if reason:
+        notes.append(reason)
+    if notes:
+        warnings.warn(f"plan {plan.key[:12]}: {'; '.join(notes)}", AutocpuWarning, stacklevel=2)
+    batches = (
+        normalize_inputs(example_inputs) if example_inputs is not None
+        else synthesize_from_signature(plan)
+    )
+    plans = PlanCache(Path(cache_dir) if cache_dir else None)
+    return build_tuned(spec, plan, batches, plans, from_cache=True)

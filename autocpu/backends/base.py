@@ -1,0 +1,150 @@
+"""The small interface every backend implements, and the runner it returns.
+
+A backend answers four questions: can it run here (``availability``), what is worth trying
+(``defaults`` and ``suggest``, define-by-run on an Optuna trial), how to build a candidate
+(``build``: the expensive part, cached across trials that differ only in runtime knobs), and how
+to bind runtime knobs such as threads to a built candidate (``bind``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autocpu.models import ModelSpec
+    from autocpu.probe import CpuInfo
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here and, if not, why and what fixes it."""
+
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(True)
+
+    @classmethod
+    def no(cls, reason: str, fix: str = "") -> Availability:
+        return cls(False, reason, fix)
+
+
+@dataclass
+class BuildContext:
+    """What a build may use besides the model: the hardware, sample inputs and a cache folder."""
+
+    hw: CpuInfo
+    example_inputs: list[dict[str, Any]]
+    artifact_dir: Path
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """A built candidate, callable exactly like the model (same kwargs, same output type).
+
+    ``threads`` is applied before each call, only when it differs from torch's current setting,
+    so a tuned model keeps its thread count even if other code changes torch's.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, threads: int | None = None) -> None:
+        self.fn = fn
+        self.threads = threads
+
+    def __call__(self, **inputs: Any) -> Any:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.fn(**inputs)
+
+
+class Backend(ABC):
+    """Base class of every backend; subclasses live one per file in ``autocpu/backends``."""
+
+    #: Registry name, also the Optuna parameter prefix.
+    name: ClassVar[str]
+    #: One line for ``autocpu probe`` and explanations.
+    description: ClassVar[str]
+    #: Lower is simpler; ties within measurement noise go to the simplest backend.
+    simplicity: ClassVar[int] = 5
+    #: Parameters applied by :meth:`bind`; changing only these reuses the built candidate.
+    runtime_params: ClassVar[frozenset[str]] = frozenset({"threads"})
+    #: Distributions whose presence this backend needs, for availability messages.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: The pip extra that installs what this backend needs.
+    extra: ClassVar[str | None] = None
+
+    @abstractmethod
+    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
+        """Can this backend run here, for this model (``spec`` None: for any model)?"""
+
+    @abstractmethod
+    def defaults(self, hw: CpuInfo) -> dict[str, Any]:
+        """The settings a user following the backend's own docs would use; tried first."""
+
+    @abstractmethod
+    def suggest(self, trial: optuna.Trial, hw: CpuInfo) -> dict[str, Any]:
+        """Sample settings on ``trial`` (names through :meth:`key`); return them unprefixed."""
+
+    @abstractmethod
+    def build(self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext) -> Any:
+        """Build the expensive part of a candidate from its non-runtime parameters."""
+
+    def bind(self, built: Any, params: Mapping[str, Any]) -> Runner:
+        """Apply runtime parameters to a built candidate."""
+        return Runner(built, threads=params.get("threads"))
+
+    # Helpers shared by all backends ---------------------------------------------------------
+
+    def key(self, param: str) -> str:
+        """Optuna parameter name: prefixed so backends never share a distribution."""
+        return f"{self.name}.{param}"
+
+    def build_key(self, params: Mapping[str, Any]) -> tuple:
+        """Identity of the built artifact: the parameters that are not runtime knobs."""
+        return (
+            self.name,
+            *sorted((k, v) for k, v in params.items() if k not in self.runtime_params),
+        )
+
+    def suggest_threads(self, trial: optuna.Trial, hw: CpuInfo) -> int:
+        return trial.suggest_int(self.key("threads"), 1, max(hw.usable_cpus, 1))
+
+    def missing_packages(self) -> Availability | None:
+        """An Availability naming the first missing distribution, or None when all are there."""
+        for dist in self.requires:
+            try:
+                importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                fix = (
+                    f"pip install 'autocpu[{self.extra}]'" if self.extra else f"pip install {dist}"
+                )
+                return Availability.no(f"{dist} is not installed", fix)
+        return None
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the packages this backend's results depend on (recorded in plans)."""
+        found = {}
+        for dist in self.requires:
+            try:
+                found[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return found
+
+
+def have_cxx_compiler() -> bool:
+    """torch.compile (Inductor) on CPU generates C++ and needs a compiler on PATH."""
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))

@@ -1,0 +1,156 @@
+"""PyTorch eager: attention implementation, threads, bf16 and dynamic int8.
+
+bf16 is offered only with native bf16 math (avx512_bf16 or AMX): elsewhere it runs ~2x slower
+than fp32. Dynamic int8 quantizes Linear layers; GPT-2's Conv1D layers become Linear first,
+since ``quantize_dynamic`` silently skips them (GUIDE 2b).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from autocpu.backends.base import Availability, Backend, BuildContext
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autocpu.models import ModelSpec
+    from autocpu.probe import CpuInfo
+
+PRECISIONS = ("fp32", "bf16_autocast", "bf16_weights", "int8_dynamic")
+
+
+def precisions_for(hw: CpuInfo) -> list[str]:
+    """Precisions worth trying on this CPU."""
+    offered = ["fp32"]
+    if hw.native_bf16:
+        offered += ["bf16_autocast", "bf16_weights"]
+    offered.append("int8_dynamic")
+    return offered
+
+
+def attention_choices(model: torch.nn.Module) -> list[str]:
+    """Attention implementations this model class supports (SDPA replaced BetterTransformer)."""
+    choices = ["eager"]
+    if getattr(model, "_supports_sdpa", False):
+        choices.append("sdpa")
+    return choices
+
+
+def current_attention(model: torch.nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+
+
+def conv1d_to_linear(model: torch.nn.Module) -> None:
+    """Replace transformers' Conv1D (GPT-2 family) with equivalent nn.Linear layers, in place."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                in_features, out_features = child.weight.shape
+                linear = torch.nn.Linear(in_features, out_features)
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data
+                setattr(parent, name, linear)
+
+
+def outputs_to_fp32(output: Any) -> Any:
+    """Cast floating tensors of an output back to fp32: callers expect the model's dtype."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, Mapping):
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor):
+                output[key] = outputs_to_fp32(value)
+        return output
+    if isinstance(output, tuple):
+        return type(output)(outputs_to_fp32(v) for v in output)
+    return output
+
+
+def bf16_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(**inputs: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return outputs_to_fp32(fn(**inputs))
+
+    return run
+
+
+def with_fp32_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda **inputs: outputs_to_fp32(fn(**inputs))
+
+
+def with_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
+    """A copy of ``model`` built with another attention implementation, same weights.
+
+    Rebuilding from the config works for every model class, unlike ``set_attn_implementation``,
+    which older-style models (BERT in transformers 4.57) refuse.
+    """
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        module = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=attention)
+    module.load_state_dict(model.state_dict())
+    return module.eval()
+
+
+def prepare_module(model: torch.nn.Module, attention: str, precision: str) -> torch.nn.Module:
+    """The model as this candidate runs it; a copy whenever anything changes."""
+    if attention == current_attention(model) and precision in ("fp32", "bf16_autocast"):
+        return model
+    if attention != current_attention(model):
+        module = with_attention(model, attention)
+    else:
+        module = copy.deepcopy(model).eval()
+    if precision == "bf16_weights":
+        module = module.to(torch.bfloat16)
+    elif precision == "int8_dynamic":
+        conv1d_to_linear(module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.ao.quantization.quantize_dynamic(
+                module, {torch.nn.Linear}, dtype=torch.qint8
+            )
+    return module
+
+
+def wrap_precision(module: torch.nn.Module, precision: str) -> Callable[..., Any]:
+    if precision == "bf16_autocast":
+        return bf16_autocast(module)
+    if precision == "bf16_weights":
+        return with_fp32_outputs(module)
+    return module
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    description = "PyTorch eager: attention implementation, threads, bf16, dynamic int8"
+    simplicity = 0
+
+    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
+        return Availability.yes()
+
+    def defaults(self, hw: CpuInfo) -> dict[str, Any]:
+        return {"attention": "sdpa", "precision": "fp32", "threads": hw.usable_cpus}
+
+    def suggest(self, trial: optuna.Trial, hw: CpuInfo) -> dict[str, Any]:
+        return {
+            "attention": trial.suggest_categorical(self.key("attention"), ["eager", "sdpa"]),
+            "precision": trial.suggest_categorical(self.key("precision"), precisions_for(hw)),
+            "threads": self.suggest_threads(trial, hw),
+        }
+
+    def build(self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext) -> Any:
+        attention = params.get("attention", current_attention(spec.model))
+        if attention not in attention_choices(spec.model):
+            raise ValueError(f"{type(spec.model).__name__} does not support {attention} attention")
+        precision = params.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        return wrap_precision(prepare_module(spec.model, attention, precision), precision)

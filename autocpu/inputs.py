@@ -1,0 +1,136 @@
+"""Example inputs: validation, signatures, a second sequence length, and synthesis for the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from autocpu.errors import AutocpuError
+
+Batch = dict[str, Any]
+
+_FILLER = (
+    "autocpu measures every backend on the inputs you give it and keeps the fastest one that "
+    "matches the reference outputs within your tolerance. "
+)
+
+
+def normalize_inputs(example_inputs: Any) -> list[Batch]:
+    """Accept one batch (dict or BatchEncoding) or a list of batches; return a list of dicts."""
+    if isinstance(example_inputs, Mapping):
+        batches = [example_inputs]
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, (str, bytes)):
+        batches = list(example_inputs)
+    else:
+        raise AutocpuError(
+            f"example_inputs must be a dict of tensors or a list of them, "
+            f"got {type(example_inputs).__name__}",
+            "pass tokenizer(texts, return_tensors='pt') or a list of such batches",
+        )
+    if not batches:
+        raise AutocpuError("example_inputs is empty", "pass at least one batch of inputs")
+    normalized = []
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise AutocpuError(
+                f"batch {index} of example_inputs is a {type(batch).__name__}, not a dict",
+                "pass tokenizer(texts, return_tensors='pt') or a dict of tensors",
+            )
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise AutocpuError(
+                f"batch {index} of example_inputs holds no tensors",
+                "tokenize with return_tensors='pt'",
+            )
+        normalized.append(dict(batch))
+    return normalized
+
+
+def signature(batches: list[Batch]) -> list[dict[str, Any]]:
+    """Names, shapes and dtypes of every input: part of a plan's identity."""
+    return [
+        {
+            name: (
+                {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+                if isinstance(value, torch.Tensor)
+                else {"value": repr(value)}
+            )
+            for name, value in sorted(batch.items())
+        }
+        for batch in batches
+    ]
+
+
+def sequence_length(batch: Batch) -> int | None:
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return int(ids.shape[-1])
+    return None
+
+
+def at_sequence_length(batch: Batch, length: int) -> Batch:
+    """The same batch cut or tiled to ``length`` tokens (every 2-D+ token tensor along dim -1)."""
+    current = sequence_length(batch)
+    if current is None:
+        return dict(batch)
+    resized: Batch = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == current:
+            repeats = -(-length // current)
+            value = value.tile((1,) * (value.dim() - 1) + (repeats,))
+            value = value[..., :length].contiguous()
+        resized[name] = value
+    return resized
+
+
+def second_length(batch: Batch) -> int | None:
+    """A different sequence length to catch shape-baked graphs (half, or double when tiny)."""
+    current = sequence_length(batch)
+    if current is None:
+        return None
+    return current // 2 if current >= 4 else current * 2
+
+
+def synthesize_inputs(
+    model_dir: str | None, config: Any, batch_size: int, seq_len: int
+) -> Batch:
+    """Inputs for a model directory: from its tokenizer when it has one, else from the config."""
+    if batch_size < 1 or seq_len < 1:
+        raise AutocpuError(
+            f"batch size {batch_size} and sequence length {seq_len} must be positive",
+            "pass --batch-size and --seq-len of 1 or more",
+        )
+    tokenizer = _load_tokenizer(model_dir) if model_dir else None
+    if tokenizer is not None:
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        text = _FILLER * (seq_len // 8 + 1)
+        return dict(
+            tokenizer(
+                [text] * batch_size,
+                padding="max_length",
+                truncation=True,
+                max_length=seq_len,
+                return_tensors="pt",
+            )
+        )
+    vocab = int(getattr(config, "vocab_size", 1000) or 1000)
+    generator = torch.Generator().manual_seed(0)
+    batch: Batch = {
+        "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+    }
+    if getattr(config, "type_vocab_size", 0):
+        batch["token_type_ids"] = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    return batch
+
+
+def _load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        return None

@@ -1,0 +1,155 @@
+"""Latency measurement that holds up on a noisy shared machine.
+
+Warm up, then repeat until the median's confidence interval is tight or a time cap is hit.
+Candidates are compared interleaved (A B A B ...) and decided on per-round ratios, because
+absolute numbers taken minutes apart differ by up to 2x here (GUIDE section 3).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+Workload = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call of a workload."""
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    iqr_ms: float
+    ci_rel: float
+    n: int
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float], stopped_early: bool = False) -> LatencyStats:
+        ms = sorted(s * 1000.0 for s in samples_s)
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+        return cls(
+            median_ms=statistics.median(ms),
+            p90_ms=_percentile(ms, 0.9),
+            min_ms=ms[0],
+            iqr_ms=quartiles[2] - quartiles[0],
+            ci_rel=median_ci_rel(ms),
+            n=len(ms),
+            stopped_early=stopped_early,
+        )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def median_ci_rel(sorted_values: list[float]) -> float:
+    """Half-width of a ~95% distribution-free CI of the median, relative to the median."""
+    n = len(sorted_values)
+    if n < 5:
+        return math.inf
+    half = 1.96 * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half))
+    median = statistics.median(sorted_values)
+    return (sorted_values[hi] - sorted_values[lo]) / (2 * median) if median > 0 else math.inf
+
+
+def measure(
+    workload: Workload,
+    *,
+    warmup: int = 2,
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+    max_time_s: float = 4.0,
+    target_ci: float = 0.03,
+    give_up_above_ms: float | None = None,
+) -> LatencyStats:
+    """Time ``workload`` until the median is stable, the cap is hit, or it is clearly too slow.
+
+    ``give_up_above_ms``: once ``min_repeats`` samples say the median is above it, stop early:
+    a candidate 1.5x slower than the best so far needs no precise number.
+    """
+    for _ in range(warmup):
+        workload()
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < max_repeats:
+        t0 = time.perf_counter()
+        workload()
+        samples.append(time.perf_counter() - t0)
+        if len(samples) < min_repeats:
+            continue
+        if give_up_above_ms is not None and statistics.median(samples) * 1000 > give_up_above_ms:
+            return LatencyStats.from_samples(samples, stopped_early=True)
+        if median_ci_rel(sorted(samples)) <= target_ci or time.perf_counter() - started > max_time_s:
+            break
+    return LatencyStats.from_samples(samples)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Interleaved measurement of several workloads against a baseline."""
+
+    stats: dict[str, LatencyStats]
+    #: Median over rounds of baseline_time / candidate_time, per candidate.
+    speedup: dict[str, float]
+    #: Interquartile range of the per-round speedups: the spread to report.
+    speedup_iqr: dict[str, tuple[float, float]]
+    rounds: int
+
+    def to_dict(self) -> dict:
+        return {
+            "stats": {k: v.to_dict() for k, v in self.stats.items()},
+            "speedup": self.speedup,
+            "speedup_iqr": {k: list(v) for k, v in self.speedup_iqr.items()},
+            "rounds": self.rounds,
+        }
+
+
+def interleaved(
+    workloads: Mapping[str, Workload],
+    baseline: str,
+    *,
+    warmup: int = 2,
+    min_rounds: int = 7,
+    max_rounds: int = 40,
+    max_time_s: float = 10.0,
+) -> Comparison:
+    """Run A B C A B C ... and compare each candidate with ``baseline`` round by round."""
+    if baseline not in workloads:
+        raise ValueError(f"baseline {baseline!r} is not among the workloads")
+    for workload in workloads.values():
+        for _ in range(warmup):
+            workload()
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds:
+        order = list(workloads.items())
+        if rounds % 2:
+            order.reverse()  # alternate order so neither side always runs first
+        for name, workload in order:
+            t0 = time.perf_counter()
+            workload()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= min_rounds and time.perf_counter() - started > max_time_s:
+            break
+    stats = {name: LatencyStats.from_samples(values) for name, values in samples.items()}
+    speedup: dict[str, float] = {}
+    spread: dict[str, tuple[float, float]] = {}
+    for name, values in samples.items():
+        ratios = sorted(b / c for b, c in zip(samples[baseline], values, strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+        speedup[name] = statistics.median(ratios)
+        spread[name] = (quartiles[0], quartiles[2])
+    return Comparison(stats=stats, speedup=speedup, speedup_iqr=spread, rounds=rounds)

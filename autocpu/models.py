@@ -1,0 +1,177 @@
+"""What autocpu knows about the user's model: its task, fingerprint and a saved copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocpu.errors import AutocpuError
+
+#: Class-name suffix -> task name (the names optimum's exporters and pipelines use).
+_TASK_BY_SUFFIX = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForMultipleChoice", "multiple-choice"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("Model", "feature-extraction"),
+)
+
+#: Config keys that do not change what the model computes.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation_autoset"}
+
+
+def task_for_class_name(class_name: str) -> str | None:
+    """Infer the task from an architecture name such as ``BertForSequenceClassification``."""
+    for suffix, task in _TASK_BY_SUFFIX:
+        if class_name.endswith(suffix):
+            return task
+    return None
+
+
+def infer_task(model: torch.nn.Module) -> str:
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    for name in [type(model).__name__, *architectures]:
+        task = task_for_class_name(name)
+        if task:
+            return task
+    return "feature-extraction"
+
+
+def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{flat.dtype}:{tuple(flat.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """Architecture, config hash and weights hash: a plan is only valid for the same triple."""
+    config = json.dumps(_config_dict(model), sort_keys=True, default=str)
+    return {
+        "architecture": type(model).__name__,
+        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "weights": weights_hash(model),
+    }
+
+
+@dataclass
+class ModelSpec:
+    """The user's model plus what backends need to rebuild or export it."""
+
+    model: torch.nn.Module
+    task: str
+    fingerprint: dict[str, str]
+    source_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(getattr(self.model, "config", None), "model_type", "unknown"))
+
+    @property
+    def fingerprint_id(self) -> str:
+        raw = json.dumps(self.fingerprint, sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.task == "text-generation"
+
+    def saved_copy(self, root: Path) -> Path:
+        """A directory holding this model (``save_pretrained``), made once and reused.
+
+        Exporters and worker processes load models from disk. A model loaded from a directory
+        already has one; otherwise the copy goes under ``root``, keyed by the fingerprint.
+        """
+        if self.source_dir is not None and (self.source_dir / "config.json").exists():
+            return self.source_dir
+        target = root / f"model-{self.fingerprint_id}"
+        if (target / "config.json").exists():
+            return target
+        if not hasattr(self.model, "save_pretrained"):
+            raise AutocpuError(
+                f"{type(self.model).__name__} has no save_pretrained(), so it cannot be exported",
+                "pass a transformers PreTrainedModel, or limit backends to PyTorch ones",
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            self.model.save_pretrained(tmp)
+            Path(tmp).rename(target)
+        return target
+
+
+def make_spec(model: Any, task: str | None = None) -> ModelSpec:
+    """Validate the user's model and describe it."""
+    if not isinstance(model, torch.nn.Module):
+        raise AutocpuError(
+            f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}",
+            "pass the model object, e.g. AutoModel.from_pretrained(path)",
+        )
+    model.eval()
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    source_dir = Path(source) if source and Path(source).is_dir() else None
+    return ModelSpec(
+        model=model,
+        task=task or infer_task(model),
+        fingerprint=model_fingerprint(model),
+        source_dir=source_dir,
+    )
+
+
+_AUTO_CLASS_BY_TASK = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "multiple-choice": "AutoModelForMultipleChoice",
+    "text-generation": "AutoModelForCausalLM",
+}
+
+
+def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module:
+    """Load a local model directory with the Auto class of its task (CLI entry point)."""
+    import transformers
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise AutocpuError(
+            f"no model directory at {directory} (config.json missing)",
+            "pass a folder written by save_pretrained() or downloaded from the Hub",
+        )
+    if task is None:
+        config = json.loads((directory / "config.json").read_text())
+        task = next(
+            (t for a in config.get("architectures") or [] if (t := task_for_class_name(a))),
+            "feature-extraction",
+        )
+    if task not in _AUTO_CLASS_BY_TASK:
+        raise AutocpuError(
+            f"unknown task {task!r}", f"use one of: {', '.join(sorted(_AUTO_CLASS_BY_TASK))}"
+        )
+    auto_class = getattr(transformers, _AUTO_CLASS_BY_TASK[task])
+    return auto_class.from_pretrained(directory).eval()
+
+
+def auto_class_for_task(task: str) -> str:
+    return _AUTO_CLASS_BY_TASK.get(task, "AutoModel")

@@ -1,0 +1,230 @@
+"""Plans (what won, how it was measured, what it holds for) and the on-disk cache of them.
+
+A plan is JSON, one file per (model, inputs, machine, tolerance, backends) key, written
+atomically under a file lock so concurrent tunes and readers never see half a file. A corrupt
+file is moved aside (never deleted) and reported in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from filelock import FileLock
+
+from autocpu.errors import AutocpuError
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1
+CORE_PACKAGES = ("autocpu", "torch", "transformers")
+
+
+def cache_root() -> Path:
+    """``AUTOCPU_CACHE_DIR`` if set, else the platform's user cache folder."""
+    override = os.environ.get("AUTOCPU_CACHE_DIR")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("autocpu"))
+
+
+def package_versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
+    found = {}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def plan_key(
+    model: dict[str, str],
+    inputs: list[dict[str, Any]],
+    machine: str,
+    tolerance: dict[str, Any],
+    backends: list[str] | None,
+) -> str:
+    """What a plan is valid for. Versions are checked on load instead, to say what changed."""
+    raw = json.dumps(
+        {
+            "model": model,
+            "inputs": inputs,
+            "machine": machine,
+            "tolerance": tolerance,
+            "backends": sorted(backends) if backends else "all",
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Plan:
+    """The winner of a tune and the evidence for it."""
+
+    key: str
+    backend: str
+    params: dict[str, Any]
+    task: str
+    model: dict[str, str]
+    inputs: list[dict[str, Any]]
+    machine: dict[str, Any]
+    tolerance: dict[str, Any]
+    versions: dict[str, str]
+    backends: list[str] | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    winner: dict[str, Any] = field(default_factory=dict)
+    speedup: float = 1.0
+    speedup_iqr: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    one_time_costs: dict[str, float] = field(default_factory=dict)
+    decision: str = ""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    tune_seconds: float = 0.0
+    measured_in: str = "in-process"
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    format: int = PLAN_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict):
+            raise ValueError(f"plan is a JSON {type(data).__name__}, not an object")
+        known = {f.name for f in fields(cls)}
+        missing = {
+            f.name
+            for f in fields(cls)
+            if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+        }
+        if missing:
+            raise ValueError(f"plan lacks {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def version_mismatches(self) -> list[str]:
+        """What differs between the versions that measured this plan and the running ones."""
+        running = current_versions([k for k in self.versions if k not in (*CORE_PACKAGES, "python")])
+        return [
+            f"{name} {self.versions.get(name, 'absent')} -> {version}"
+            for name, version in running.items()
+            if self.versions.get(name) != version
+        ]
+
+    def summary(self) -> str:
+        return (
+            f"{self.backend} {self.params} x{self.speedup:.2f} "
+            f"({self.speedup_iqr[0]:.2f}-{self.speedup_iqr[1]:.2f}) on {self.machine.get('brand')}"
+        )
+
+
+def current_versions(extra_packages: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    versions = package_versions([*CORE_PACKAGES, *extra_packages])
+    versions["python"] = platform.python_version()
+    return versions
+
+
+class PlanCache:
+    """Plans on disk: ``<root>/plans/<key>.json``; corrupt files go to ``<root>/corrupt``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else cache_root()
+
+    @property
+    def plans_dir(self) -> Path:
+        return self.root / "plans"
+
+    def artifacts_dir(self, model_id: str) -> Path:
+        return self.root / "artifacts" / model_id
+
+    def path(self, key: str) -> Path:
+        return self.plans_dir / f"{key}.json"
+
+    def _lock(self, path: Path) -> FileLock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path) + ".lock", timeout=60)
+
+    def save(self, plan: Plan) -> Path:
+        path = self.path(plan.key)
+        with self._lock(path):
+            atomic_write(path, plan.to_json())
+        return path
+
+    def load(self, key: str) -> Plan | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return self.read(path)
+
+    def read(self, path: Path) -> Plan | None:
+        """Read one plan file; a corrupt one is moved aside and reported, never deleted."""
+        with self._lock(path):
+            try:
+                return Plan.from_dict(json.loads(path.read_text()))
+            except (ValueError, TypeError, UnicodeDecodeError) as error:
+                moved = self._move_aside(path)
+                log.warning(
+                    "corrupt plan %s (%s): moved to %s; it will be re-tuned",
+                    path.name, str(error).splitlines()[0][:120], moved,
+                )
+                return None
+
+    def _move_aside(self, path: Path) -> Path:
+        target_dir = self.root / "corrupt"
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
+        os.replace(path, target)
+        return target
+
+    def all(self) -> list[Plan]:
+        if not self.plans_dir.exists():
+            return []
+        plans = [self.read(p) for p in sorted(self.plans_dir.glob("*.json"))]
+        return [p for p in plans if p is not None]
+
+    def find(self, key_prefix: str) -> Plan:
+        """The plan whose key starts with ``key_prefix`` (as ``plans list`` shows it)."""
+        matches = [p for p in sorted(self.plans_dir.glob(f"{key_prefix}*.json"))] if key_prefix else []
+        if len(matches) != 1:
+            problem = "no plan" if not matches else f"{len(matches)} plans"
+            raise AutocpuError(
+                f"{problem} matching {key_prefix!r} in {self.plans_dir}",
+                "run 'autocpu plans list' and pass a longer unique key prefix",
+            )
+        plan = self.read(matches[0])
+        if plan is None:
+            raise AutocpuError(f"plan {matches[0].name} was corrupt and was moved aside",
+                               "re-run the tune that made it")
+        return plan
+
+    def remove(self, key: str) -> Path:
+        path = self.path(key)
+        with self._lock(path):
+            path.unlink()
+        return path
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

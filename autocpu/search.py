@@ -1,0 +1,337 @@
+"""The search: every eligible backend's defaults first, then Optuna's TPE under the accuracy
+constraint, then the finalists re-checked at a second sequence length and re-measured against the
+baseline interleaved. The fastest that beats the baseline beyond noise wins; ties within noise go
+to the simpler plan.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+import torch
+
+from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
+from autocpu.backends import Backend, BuildContext, Runner, get_backend
+from autocpu.inputs import Batch, at_sequence_length, second_length
+from autocpu.measure import LatencyStats, interleaved, measure
+from autocpu.models import ModelSpec
+from autocpu.probe import CpuInfo
+
+log = logging.getLogger(__name__)
+
+#: Ratios closer than this are noise on a shared machine (GUIDE section 3).
+NOISE = 0.03
+#: A candidate whose median passes this multiple of the best so far stops being measured.
+GIVE_UP_FACTOR = 1.5
+FINALISTS = 3
+BUILD_CACHE_SIZE = 3
+
+
+@dataclass
+class TrialRecord:
+    """One candidate's outcome, as ``explain()`` shows it."""
+
+    backend: str
+    params: dict[str, Any]
+    status: str = "pending"  # ok | inaccurate | failed | ineligible
+    number: int | None = None
+    latency: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    build_s: float | None = None
+    first_call_s: float | None = None
+    reason: str = ""
+    speedup: float | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return self.latency["median_ms"] if self.latency else float("inf")
+
+    @property
+    def identity(self) -> tuple:
+        return (self.backend, tuple(sorted(self.params.items())))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
+        return cls(**dict(data))
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def workload(runner: Callable[..., Any], batches: list[Batch]) -> Callable[[], list[Any]]:
+    """One pass over the example batches: the unit every latency number refers to."""
+    return lambda: [runner(**batch) for batch in batches]
+
+
+class TrialRunner:
+    """Build, check and measure one candidate.
+
+    Holds only the model spec, the inputs and their reference outputs, so it can live in a
+    worker process. Builds are cached (LRU) by their non-runtime parameters, so trials that
+    differ only in threads reuse the expensive part.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        batches: list[Batch],
+        references: list[Any],
+        tolerance: Tolerance,
+        ctx: BuildContext,
+    ) -> None:
+        self.spec = spec
+        self.batches = batches
+        self.references = references
+        self.tolerance = tolerance
+        self.ctx = ctx
+        self.default_threads = torch.get_num_threads()
+        self._builds: collections.OrderedDict[tuple, tuple[Any, float]] = (
+            collections.OrderedDict()
+        )
+
+    def runner(self, backend: Backend, params: Mapping[str, Any]) -> tuple[Runner, float]:
+        """The bound runner and the seconds its build took (0 when cached)."""
+        key = backend.build_key(params)
+        if key in self._builds:
+            self._builds.move_to_end(key)
+            built, _ = self._builds[key]
+            return backend.bind(built, params), 0.0
+        started = time.perf_counter()
+        built = backend.build(self.spec, params, self.ctx)
+        build_s = time.perf_counter() - started
+        self._builds[key] = (built, build_s)
+        while len(self._builds) > BUILD_CACHE_SIZE:
+            self._builds.popitem(last=False)
+        return backend.bind(built, params), build_s
+
+    def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord:
+        backend = get_backend(record.backend)
+        try:
+            runner, record.build_s = self.runner(backend, record.params)
+            started = time.perf_counter()
+            outputs = [runner(**batch) for batch in self.batches]
+            record.first_call_s = time.perf_counter() - started
+            report = compare_batches(self.references, outputs, self.tolerance)
+            record.accuracy = report.to_dict()
+            if not report.passed:
+                record.status = "inaccurate"
+                record.reason = "; ".join(report.failures[:3])
+                return record
+            stats = measure(workload(runner, self.batches), give_up_above_ms=give_up_above_ms)
+            record.latency = stats.to_dict()
+            record.status = "ok"
+            if stats.stopped_early:
+                record.reason = f"stopped early: over {give_up_above_ms:.1f} ms"
+        except Exception as error:  # a backend that crashes must not end the search
+            record.status = "failed"
+            record.reason = one_line(error)
+            log.debug("trial %s failed:\n%s", record.backend, traceback.format_exc())
+        finally:
+            torch.set_num_threads(self.default_threads)
+        return record
+
+    def check_second_length(self, record: TrialRecord) -> AccuracyReport | None:
+        """Re-check a candidate at another sequence length (catches shape-baked graphs)."""
+        lengths = [second_length(b) for b in self.batches]
+        if any(n is None for n in lengths):
+            return None
+        batches = [at_sequence_length(b, n) for b, n in zip(self.batches, lengths, strict=True)]
+        with torch.inference_mode():
+            references = [self.spec.model(**b) for b in batches]
+        runner, _ = self.runner(get_backend(record.backend), record.params)
+        try:
+            outputs = [runner(**b) for b in batches]
+        finally:
+            torch.set_num_threads(self.default_threads)
+        report = compare_batches(references, outputs, self.tolerance)
+        if not report.passed:
+            report.failures.insert(0, f"at sequence length {lengths[0]}")
+        return report
+
+
+@dataclass
+class SearchResult:
+    winner: TrialRecord
+    baseline: LatencyStats
+    winner_stats: LatencyStats
+    speedup: float
+    speedup_iqr: tuple[float, float]
+    decision: str
+    records: list[TrialRecord] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[TrialRecord, float | None], None]
+
+
+class Search:
+    """Optuna study over the eligible backends, then the finalists' interleaved re-measure."""
+
+    def __init__(
+        self,
+        trial_runner: TrialRunner,
+        backends: list[Backend],
+        hw: CpuInfo,
+        *,
+        n_trials: int | None,
+        timeout: float | None,
+        progress: ProgressCallback | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.trials = trial_runner
+        self.backends = {b.name: b for b in backends}
+        self.hw = hw
+        self.n_trials = n_trials
+        self.timeout = timeout
+        self.progress = progress
+        self.seed = seed
+        self.records: list[TrialRecord] = []
+        self._seen: dict[tuple, TrialRecord] = {}
+        self.best_ms = float("inf")
+
+    def baseline_record(self) -> TrialRecord:
+        """The user's model exactly as given (fp32, its attention, torch's default threads)."""
+        from autocpu.backends.eager import current_attention
+
+        attention = current_attention(self.trials.spec.model)
+        return TrialRecord("eager", {"attention": attention, "precision": "fp32"}, status="ok")
+
+    def run(self) -> SearchResult:
+        baseline = self.baseline_record()
+        baseline_runner = Runner(self.trials.spec.model, threads=self.trials.default_threads)
+        stats = measure(workload(baseline_runner, self.trials.batches))
+        baseline.latency = stats.to_dict()
+        baseline.reason = "baseline"
+        self.best_ms = stats.median_ms
+        self._run_study()
+        return self._finish(baseline, baseline_runner)
+
+    # Study ----------------------------------------------------------------------------------
+
+    def _run_study(self) -> None:
+        if not self.backends:
+            return
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are recorded, not logged
+        try:
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=len(self.backends))
+            study = optuna.create_study(direction="minimize", sampler=sampler)
+            for backend in self.backends.values():
+                defaults = backend.defaults(self.hw)
+                study.enqueue_trial(
+                    {"backend": backend.name, **{backend.key(k): v for k, v in defaults.items()}}
+                )
+            study.optimize(
+                self._objective,
+                n_trials=self.n_trials,
+                timeout=self.timeout,
+                catch=(RuntimeError,),
+                gc_after_trial=True,
+            )
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        name = trial.suggest_categorical("backend", list(self.backends))
+        params = self.backends[name].suggest(trial, self.hw)
+        record = TrialRecord(name, params, number=trial.number)
+        seen = self._seen.get(record.identity)
+        if seen is not None:
+            trial.set_user_attr("repeat_of", seen.number)
+            record = seen
+        else:
+            give_up = self.best_ms * GIVE_UP_FACTOR
+            record = self.trials.run(record, give_up_above_ms=give_up)
+            self._seen[record.identity] = record
+            self.records.append(record)
+            if record.status == "ok":
+                self.best_ms = min(self.best_ms, record.median_ms)
+            if self.progress:
+                self.progress(record, self.best_ms)
+        trial.set_constraint("accuracy", 0.0 if record.status == "ok" else 1.0)
+        if record.status == "failed":
+            raise RuntimeError(record.reason)
+        return record.median_ms if record.status == "ok" else 1e12
+
+    # Finalists ------------------------------------------------------------------------------
+
+    def _finalists(self) -> list[TrialRecord]:
+        feasible = sorted((r for r in self.records if r.status == "ok"), key=lambda r: r.median_ms)
+        finalists = []
+        for record in feasible:
+            if len(finalists) == FINALISTS:
+                break
+            try:
+                report = self.trials.check_second_length(record)
+            except Exception as error:
+                record.status, record.reason = "failed", f"at a second length: {one_line(error)}"
+                continue
+            if report is not None and not report.passed:
+                record.status = "inaccurate"
+                record.reason = "; ".join(report.failures[:3])
+                continue
+            finalists.append(record)
+        return finalists
+
+    def _finish(self, baseline: TrialRecord, baseline_runner: Runner) -> SearchResult:
+        finalists = self._finalists()
+        names = {f"candidate{i}": record for i, record in enumerate(finalists)}
+        workloads = {"baseline": workload(baseline_runner, self.trials.batches)}
+        for label, record in names.items():
+            runner, _ = self.trials.runner(self.backends[record.backend], record.params)
+            workloads[label] = workload(runner, self.trials.batches)
+        try:
+            comparison = interleaved(workloads, "baseline")
+        finally:
+            torch.set_num_threads(self.trials.default_threads)
+        for label, record in names.items():
+            record.speedup = comparison.speedup[label]
+        winner_label, decision = self._decide(names, comparison.speedup, comparison.speedup_iqr)
+        winner = names.get(winner_label, baseline)
+        baseline.speedup = 1.0
+        return SearchResult(
+            winner=winner,
+            baseline=comparison.stats["baseline"],
+            winner_stats=comparison.stats[winner_label],
+            speedup=comparison.speedup[winner_label],
+            speedup_iqr=comparison.speedup_iqr[winner_label],
+            decision=decision,
+            records=[baseline, *self.records],
+        )
+
+    def _decide(
+        self,
+        names: dict[str, TrialRecord],
+        speedup: dict[str, float],
+        spread: dict[str, tuple[float, float]],
+    ) -> tuple[str, str]:
+        """Fastest finalist; within noise of it, the simplest; it must beat the baseline."""
+        if not names:
+            return "baseline", "no candidate passed the accuracy gate: keeping the model as is"
+        fastest = max(names, key=lambda label: speedup[label])
+        ties = [label for label in names if speedup[label] >= speedup[fastest] * (1 - NOISE)]
+        chosen = min(ties, key=lambda label: (self.backends[names[label].backend].simplicity,
+                                              -speedup[label]))
+        record = names[chosen]
+        why = (f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline "
+               f"(IQR {spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}, interleaved)")
+        if chosen != fastest:
+            why += (f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
+                    f"{NOISE:.0%} noise, and {record.backend} is simpler")
+        if speedup[chosen] < 1 + NOISE or spread[chosen][0] <= 1.0:
+            return "baseline", (f"no candidate beat the baseline beyond noise (best: "
+                                f"{record.backend} {speedup[chosen]:.2f}x, IQR "
+                                f"{spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}): keeping the "
+                                "model as is")
+        return chosen, why
