@@ -23,8 +23,8 @@ _EXPORTS = {
     "AutocpuError": "autocpu.errors",
     "Plan": "autocpu.plans",
     "PlanCache": "autocpu.plans",
-    "probe": "autocpu.probe",
-    "CpuInfo": "autocpu.probe",
+    "probe": "autocpu.hardware",
+    "CpuInfo": "autocpu.hardware",
     "TunedModel": "autocpu.tuned",
 }
 

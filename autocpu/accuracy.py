@@ -116,8 +116,9 @@ class AccuracyReport:
         self.max_rel = max(self.max_rel, other.max_rel)
         self.min_cosine = min(self.min_cosine, other.min_cosine)
         if other.min_argmax is not None:
-            self.min_argmax = min(self.min_argmax if self.min_argmax is not None else 1.0,
-                                  other.min_argmax)
+            self.min_argmax = min(
+                self.min_argmax if self.min_argmax is not None else 1.0, other.min_argmax
+            )
         self.failures.extend(other.failures)
 
 
@@ -160,16 +161,19 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> Acc
             report.failures.append(f"{name}: cosine {cosine:.6f} < {tolerance.min_cosine}")
         if name.endswith("logits") and ref.dim() >= 1 and ref.shape[-1] > 1:
             agree = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
-            report.min_argmax = min(report.min_argmax if report.min_argmax is not None else 1.0,
-                                    agree)
+            report.min_argmax = min(
+                report.min_argmax if report.min_argmax is not None else 1.0, agree
+            )
             if agree < tolerance.min_argmax:
-                report.failures.append(f"{name}: argmax agreement {agree:.3f} < "
-                                       f"{tolerance.min_argmax}")
+                report.failures.append(
+                    f"{name}: argmax agreement {agree:.3f} < {tolerance.min_argmax}"
+                )
     return report
 
 
-def compare_batches(references: list[Any], candidates: list[Any], tolerance: Tolerance
-                    ) -> AccuracyReport:
+def compare_batches(
+    references: list[Any], candidates: list[Any], tolerance: Tolerance
+) -> AccuracyReport:
     """Worst case over several batches."""
     total = AccuracyReport()
     for reference, candidate in zip(references, candidates, strict=True):

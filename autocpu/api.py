@@ -14,10 +14,10 @@ import torch
 from autocpu.accuracy import Tolerance
 from autocpu.backends import Backend, BuildContext, all_backends, get_backend
 from autocpu.errors import AutocpuError
+from autocpu.hardware import CpuInfo, probe
 from autocpu.inputs import Batch, normalize_inputs, signature
 from autocpu.models import ModelSpec, make_spec
 from autocpu.plans import Plan, PlanCache, current_versions, plan_key
-from autocpu.probe import CpuInfo, probe
 from autocpu.search import ProgressCallback, Search, SearchResult, TrialRecord, TrialRunner
 from autocpu.tuned import TunedModel, wrap
 
@@ -171,8 +171,9 @@ def tune(
         timeout=timeout if timeout is not None or n_trials is not None else DEFAULT_TIMEOUT_S,
         progress=progress,
     ).run()
-    plan = _make_plan(key, spec, batches, hw, tol, backends, result, skipped,
-                      time.perf_counter() - started)
+    plan = _make_plan(
+        key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started
+    )
     if cache:
         plans.save(plan)
     runner, _ = trial_runner.runner(get_backend(plan.backend), plan.params)
@@ -187,14 +188,18 @@ def _cached_model(
         return None
     reason = _why_unusable(plan, hw)
     if reason is not None:
-        warnings.warn(f"cached plan {key[:12]} not used: {reason}; re-tuning", AutocpuWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"cached plan {key[:12]} not used: {reason}; re-tuning", AutocpuWarning, stacklevel=3
+        )
         return None
     try:
         return build_tuned(spec, plan, batches, plans, from_cache=True)
     except Exception as error:  # a plan that no longer builds is re-tuned, not fatal
-        warnings.warn(f"cached plan {key[:12]} failed to rebuild ({error}); re-tuning",
-                      AutocpuWarning, stacklevel=3)
+        warnings.warn(
+            f"cached plan {key[:12]} failed to rebuild ({error}); re-tuning",
+            AutocpuWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -219,8 +224,10 @@ def load_plan(source: Plan | str | Path, cache_dir: str | Path | None = None) ->
         try:
             return Plan.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError) as error:
-            raise AutocpuError(f"{path} is not a valid plan ({error})",
-                               "re-export it with 'autocpu plans show KEY --json'") from None
+            raise AutocpuError(
+                f"{path} is not a valid plan ({error})",
+                "re-export it with 'autocpu plans show KEY --json'",
+            ) from None
     return PlanCache(Path(cache_dir) if cache_dir else None).find(str(source))
 
 
@@ -268,7 +275,8 @@ def apply_plan(
     if notes:
         warnings.warn(f"plan {plan.key[:12]}: {'; '.join(notes)}", AutocpuWarning, stacklevel=2)
     batches = (
-        normalize_inputs(example_inputs) if example_inputs is not None
+        normalize_inputs(example_inputs)
+        if example_inputs is not None
         else synthesize_from_signature(plan)
     )
     plans = PlanCache(Path(cache_dir) if cache_dir else None)

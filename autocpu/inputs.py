@@ -93,9 +93,7 @@ def second_length(batch: Batch) -> int | None:
     return current // 2 if current >= 4 else current * 2
 
 
-def synthesize_inputs(
-    model_dir: str | None, config: Any, batch_size: int, seq_len: int
-) -> Batch:
+def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_len: int) -> Batch:
     """Inputs for a model directory: from its tokenizer when it has one, else from the config."""
     if batch_size < 1 or seq_len < 1:
         raise AutocpuError(

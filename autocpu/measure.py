@@ -90,7 +90,10 @@ def measure(
             continue
         if give_up_above_ms is not None and statistics.median(samples) * 1000 > give_up_above_ms:
             return LatencyStats.from_samples(samples, stopped_early=True)
-        if median_ci_rel(sorted(samples)) <= target_ci or time.perf_counter() - started > max_time_s:
+        if (
+            median_ci_rel(sorted(samples)) <= target_ci
+            or time.perf_counter() - started > max_time_s
+        ):
             break
     return LatencyStats.from_samples(samples)
 

@@ -114,7 +114,9 @@ class Plan:
 
     def version_mismatches(self) -> list[str]:
         """What differs between the versions that measured this plan and the running ones."""
-        running = current_versions([k for k in self.versions if k not in (*CORE_PACKAGES, "python")])
+        running = current_versions(
+            [k for k in self.versions if k not in (*CORE_PACKAGES, "python")]
+        )
         return [
             f"{name} {self.versions.get(name, 'absent')} -> {version}"
             for name, version in running.items()
@@ -175,7 +177,9 @@ class PlanCache:
                 moved = self._move_aside(path)
                 log.warning(
                     "corrupt plan %s (%s): moved to %s; it will be re-tuned",
-                    path.name, str(error).splitlines()[0][:120], moved,
+                    path.name,
+                    str(error).splitlines()[0][:120],
+                    moved,
                 )
                 return None
 
@@ -194,7 +198,9 @@ class PlanCache:
 
     def find(self, key_prefix: str) -> Plan:
         """The plan whose key starts with ``key_prefix`` (as ``plans list`` shows it)."""
-        matches = [p for p in sorted(self.plans_dir.glob(f"{key_prefix}*.json"))] if key_prefix else []
+        matches = (
+            [p for p in sorted(self.plans_dir.glob(f"{key_prefix}*.json"))] if key_prefix else []
+        )
         if len(matches) != 1:
             problem = "no plan" if not matches else f"{len(matches)} plans"
             raise AutocpuError(
@@ -203,8 +209,10 @@ class PlanCache:
             )
         plan = self.read(matches[0])
         if plan is None:
-            raise AutocpuError(f"plan {matches[0].name} was corrupt and was moved aside",
-                               "re-run the tune that made it")
+            raise AutocpuError(
+                f"plan {matches[0].name} was corrupt and was moved aside",
+                "re-run the tune that made it",
+            )
         return plan
 
     def remove(self, key: str) -> Path:

@@ -52,8 +52,16 @@ def explain_table(plan: Plan) -> str:
     """Every candidate tried, the winner first, with the decision as a caption."""
     baseline_ms = plan.baseline.get("median_ms", float("nan"))
     table = Table(title=f"autocpu plan {plan.key[:12]}", caption=plan.decision, show_lines=False)
-    for column in ("backend", "settings", "median ms", "p90 ms", "speedup", "accuracy",
-                   "one-time s", "outcome"):
+    for column in (
+        "backend",
+        "settings",
+        "median ms",
+        "p90 ms",
+        "speedup",
+        "accuracy",
+        "one-time s",
+        "outcome",
+    ):
         table.add_column(column, overflow="fold")
     trials = sorted(plan.trials, key=lambda t: (not _is_winner(plan, t), _median(t)))
     for trial in trials:

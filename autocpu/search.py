@@ -19,10 +19,10 @@ import torch
 
 from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
 from autocpu.backends import Backend, BuildContext, Runner, get_backend
+from autocpu.hardware import CpuInfo
 from autocpu.inputs import Batch, at_sequence_length, second_length
 from autocpu.measure import LatencyStats, interleaved, measure
 from autocpu.models import ModelSpec
-from autocpu.probe import CpuInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class TrialRunner:
         self.tolerance = tolerance
         self.ctx = ctx
         self.default_threads = torch.get_num_threads()
-        self._builds: collections.OrderedDict[tuple, tuple[Any, float]] = (
-            collections.OrderedDict()
-        )
+        self._builds: collections.OrderedDict[tuple, tuple[Any, float]] = collections.OrderedDict()
 
     def runner(self, backend: Backend, params: Mapping[str, Any]) -> tuple[Runner, float]:
         """The bound runner and the seconds its build took (0 when cached)."""
@@ -225,7 +223,9 @@ class Search:
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are recorded, not logged
         try:
-            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=len(self.backends))
+            sampler = optuna.samplers.TPESampler(
+                seed=self.seed, n_startup_trials=len(self.backends)
+            )
             study = optuna.create_study(direction="minimize", sampler=sampler)
             for backend in self.backends.values():
                 defaults = backend.defaults(self.hw)
@@ -321,17 +321,25 @@ class Search:
             return "baseline", "no candidate passed the accuracy gate: keeping the model as is"
         fastest = max(names, key=lambda label: speedup[label])
         ties = [label for label in names if speedup[label] >= speedup[fastest] * (1 - NOISE)]
-        chosen = min(ties, key=lambda label: (self.backends[names[label].backend].simplicity,
-                                              -speedup[label]))
+        chosen = min(
+            ties,
+            key=lambda label: (self.backends[names[label].backend].simplicity, -speedup[label]),
+        )
         record = names[chosen]
-        why = (f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline "
-               f"(IQR {spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}, interleaved)")
+        why = (
+            f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline "
+            f"(IQR {spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}, interleaved)"
+        )
         if chosen != fastest:
-            why += (f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
-                    f"{NOISE:.0%} noise, and {record.backend} is simpler")
+            why += (
+                f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
+                f"{NOISE:.0%} noise, and {record.backend} is simpler"
+            )
         if speedup[chosen] < 1 + NOISE or spread[chosen][0] <= 1.0:
-            return "baseline", (f"no candidate beat the baseline beyond noise (best: "
-                                f"{record.backend} {speedup[chosen]:.2f}x, IQR "
-                                f"{spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}): keeping the "
-                                "model as is")
+            return "baseline", (
+                f"no candidate beat the baseline beyond noise (best: "
+                f"{record.backend} {speedup[chosen]:.2f}x, IQR "
+                f"{spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}): keeping the "
+                "model as is"
+            )
         return chosen, why

@@ -57,7 +57,7 @@ def _positional_names(model: torch.nn.Module) -> list[str]:
     return [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tuned_class_for(model_class: type) -> type[TunedModel]:
     """A TunedModel subclass named like the model class: pipelines check the class name."""
     return type(

@@ -21,8 +21,8 @@ import torch
 if TYPE_CHECKING:
     import optuna
 
+    from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
-    from autocpu.probe import CpuInfo
 
 
 @dataclass(frozen=True)

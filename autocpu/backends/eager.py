@@ -19,8 +19,8 @@ from autocpu.backends.base import Availability, Backend, BuildContext
 if TYPE_CHECKING:
     import optuna
 
+    from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
-    from autocpu.probe import CpuInfo
 
 PRECISIONS = ("fp32", "bf16_autocast", "bf16_weights", "int8_dynamic")
 
@@ -95,7 +95,9 @@ def with_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
     from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
-        module = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=attention)
+        module = type(model)._from_config(
+            copy.deepcopy(model.config), attn_implementation=attention
+        )
     module.load_state_dict(model.state_dict())
     return module.eval()
 
@@ -114,6 +116,7 @@ def prepare_module(model: torch.nn.Module, attention: str, precision: str) -> to
         conv1d_to_linear(module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
             module = torch.ao.quantization.quantize_dynamic(
                 module, {torch.nn.Linear}, dtype=torch.qint8
             )

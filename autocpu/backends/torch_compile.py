@@ -18,8 +18,8 @@ from autocpu.backends.base import Availability, Backend, BuildContext, have_cxx_
 if TYPE_CHECKING:
     import optuna
 
+    from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
-    from autocpu.probe import CpuInfo
 
 
 class TorchCompileBackend(Backend):

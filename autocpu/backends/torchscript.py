@@ -21,8 +21,8 @@ from autocpu.outputs import OutputTemplate
 if TYPE_CHECKING:
     import optuna
 
+    from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
-    from autocpu.probe import CpuInfo
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def trace(spec: ModelSpec, batch: Mapping[str, Any], freeze: bool, optimize: boo
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still works
         graph = torch.jit.trace(wrapper, tuple(tensors.values()), strict=False)
         if freeze:
             graph = torch.jit.freeze(graph)

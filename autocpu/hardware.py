@@ -10,6 +10,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -158,16 +159,16 @@ def _int_or_none(value: str | None) -> int | None:
         return None
 
 
-def _cgroup_cpu_limit() -> float | None:
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup quota (v2 cpu.max, then v1 cfs files); None if unlimited."""
-    cpu_max = _read(Path("/sys/fs/cgroup/cpu.max"))
+    cpu_max = _read(root / "cpu.max")
     if cpu_max:
         quota, _, period = cpu_max.partition(" ")
         if quota != "max" and period:
             return int(quota) / int(period)
         return None
-    quota = _int_or_none(_read(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")))
-    period = _int_or_none(_read(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")))
+    quota = _int_or_none(_read(root / "cpu" / "cpu.cfs_quota_us"))
+    period = _int_or_none(_read(root / "cpu" / "cpu.cfs_period_us"))
     if quota and period and quota > 0:
         return quota / period
     return None
@@ -178,6 +179,14 @@ def _affinity_cpus() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
+
+
+def usable_cpus(affinity: int, quota: float | None) -> int:
+    """CPUs this process can keep busy: its affinity, capped by the cgroup quota rounded down
+    (as Go's automaxprocs does: more threads than the quota get throttled mid-inference)."""
+    if quota is None:
+        return max(affinity, 1)
+    return max(1, min(affinity, math.floor(quota)))
 
 
 def _topology(cpus: list[int]) -> tuple[int, int]:
@@ -241,10 +250,8 @@ def _from_procfs(text: str) -> CpuInfo:
     online = [int(r["processor"]) for r in records if "processor" in r]
     physical, sockets = _topology(online)
     affinity = _affinity_cpus()
-    limit = _cgroup_cpu_limit()
-    usable = len(affinity)
-    if limit is not None:
-        usable = max(1, min(usable, int(limit)))
+    limit = cgroup_cpu_limit()
+    usable = usable_cpus(len(affinity), limit)
     l2, l3 = _cache_sizes(affinity[0] if affinity else 0)
     return CpuInfo(
         vendor=first.get("vendor_id", "unknown"),

@@ -1,0 +1,266 @@
+"""The ``autocpu`` command: probe, tune, plans.
+
+Errors the user can fix print one line (``autocpu: error: problem -- fix``) and exit 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from autocpu.errors import AutocpuError
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# probe ------------------------------------------------------------------------------------------
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autocpu.backends import all_backends
+    from autocpu.hardware import probe
+
+    hw = probe()
+    backends = {b.name: b.availability(None, hw) for b in all_backends()}
+    if args.json:
+        data = hw.to_dict()
+        data["backends"] = {
+            name: {"available": a.ok, "reason": a.reason, "fix": a.fix}
+            for name, a in backends.items()
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    console = _console()
+    table = Table(title=f"{hw.brand} ({hw.vendor}, family {hw.family} model {hw.model})")
+    table.add_column("property")
+    table.add_column("value", overflow="fold")
+    limit = f", cgroup limit {hw.cgroup_cpu_limit:g}" if hw.cgroup_cpu_limit else ""
+    rows = [
+        (
+            "cores",
+            f"{hw.logical_cores} logical, {hw.physical_cores} physical, "
+            f"{hw.sockets} socket(s), {hw.numa_nodes} NUMA node(s)",
+        ),
+        ("usable by this process", f"{hw.usable_cpus} (affinity {hw.affinity_cpus}{limit})"),
+        ("L2 / L3", f"{_mib(hw.l2_bytes)} / {_mib(hw.l3_bytes)}"),
+        ("memory", _mib(hw.memory_bytes)),
+        ("ISA", " ".join(hw.flags) or "-"),
+        ("AMX granted by the OS", "yes" if hw.amx_granted else "no"),
+        ("native bf16 / fast int8", f"{_yes(hw.native_bf16)} / {_yes(hw.fast_int8)}"),
+        ("fingerprint", hw.fingerprint()),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    backend_table = Table(title="backends")
+    for column in ("backend", "available", "why not / fix"):
+        backend_table.add_column(column, overflow="fold")
+    for name, available in backends.items():
+        fix = f"{available.reason}; fix: {available.fix}" if available.fix else available.reason
+        backend_table.add_row(name, _yes(available.ok), fix)
+    console.print(backend_table)
+    for hint in _hints(hw, backends):
+        console.print(f"hint: {hint}")
+    return 0
+
+
+def _hints(hw: Any, backends: dict[str, Any]) -> list[str]:
+    """What would likely speed this machine up that is not installed or not used."""
+    hints = []
+    for name in ("onnxruntime", "openvino"):
+        if name in backends and not backends[name].ok and backends[name].fix:
+            hints.append(f"{name} is usually the fastest fp32 engine on CPU: {backends[name].fix}")
+    precisions = ["fp32"]
+    if hw.native_bf16:
+        precisions.append("bf16")
+    if hw.fast_int8:
+        precisions.append("int8 (VNNI/AMX)")
+    hints.append(
+        f"this CPU runs {', '.join(precisions)} natively; a looser --tolerance (bf16, int8) "
+        "lets the search use them"
+    )
+    return hints
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:.0f} MiB" if value else "?"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# tune -------------------------------------------------------------------------------------------
+
+
+def _trial_printer(console: Any, quiet: bool) -> Callable[[Any, float | None], None]:
+    count = {"n": 0}
+
+    def report(record: Any, best_ms: float | None) -> None:
+        if quiet or record.status == "pending":
+            return
+        count["n"] += 1
+        from autocpu.report import format_params
+
+        latency = f"{record.median_ms:8.2f} ms" if record.latency else "       - ms"
+        note = f"  {record.reason}" if record.reason else ""
+        console.print(
+            f"trial {count['n']:>3} {record.backend:<13} {latency}  {record.status:<10} "
+            f"best {best_ms:.2f} ms  {format_params(record.params)}{note}"
+        )
+
+    return report
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from autocpu.api import tune
+    from autocpu.inputs import synthesize_inputs
+    from autocpu.models import load_model_dir
+
+    console = _console(stderr=args.json)  # with --json, stdout holds the JSON alone
+    model = load_model_dir(args.model_dir, args.task)
+    inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    if not args.quiet:
+        console.print(
+            f"tuning {type(model).__name__} from {args.model_dir} on inputs "
+            f"{ {k: tuple(v.shape) for k, v in inputs.items()} }"
+        )
+    tuned = tune(
+        model,
+        inputs,
+        tolerance=args.tolerance,
+        n_trials=args.trials,
+        timeout=args.timeout,
+        backends=backends,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        task=args.task,
+        progress=_trial_printer(console, args.quiet),
+    )
+    plan = tuned.plan
+    if args.json:
+        print(plan.to_json())
+        return 0
+    if tuned.from_cache:
+        console.print(f"cached plan {plan.key[:12]} reused: no trial ran")
+    console.print(tuned.explain())
+    console.print(
+        f"plan {plan.key[:12]}: {plan.backend} {plan.params} -> {plan.speedup:.2f}x "
+        f"(IQR {plan.speedup_iqr[0]:.2f}-{plan.speedup_iqr[1]:.2f}) vs fp32 eager, "
+        f"{plan.winner.get('median_ms', 0):.2f} ms vs {plan.baseline.get('median_ms', 0):.2f} ms"
+    )
+    return 0
+
+
+# plans ------------------------------------------------------------------------------------------
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    from autocpu.plans import PlanCache
+    from autocpu.report import explain_table, plans_table
+
+    cache = PlanCache(args.cache_dir)
+    if args.action == "list":
+        plans = cache.all()
+        if args.json:
+            print(json.dumps([json.loads(p.to_json()) for p in plans], indent=2))
+        elif not plans:
+            print(f"no plans in {cache.plans_dir}")
+        else:
+            print(plans_table(plans))
+        return 0
+    if not args.key:
+        raise AutocpuError(
+            f"'plans {args.action}' needs a plan key", "run 'autocpu plans list' to see the keys"
+        )
+    plan = cache.find(args.key)
+    if args.action == "show":
+        print(plan.to_json() if args.json else explain_table(plan))
+    elif args.action == "rm":
+        print(f"removed {cache.remove(plan.key)}")
+    return 0
+
+
+# entry point ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autocpu", description="Make transformers models run as fast as they can on this CPU."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    probe = sub.add_parser("probe", help="show this CPU and which backends can run here")
+    probe.add_argument("--json", action="store_true", help="machine-readable output")
+    probe.set_defaults(func=cmd_probe)
+
+    tune = sub.add_parser("tune", help="search the fastest backend for a local model directory")
+    tune.add_argument("model_dir", help="folder written by save_pretrained()")
+    tune.add_argument(
+        "--task",
+        default=None,
+        help="e.g. feature-extraction, text-classification (default: from config.architectures)",
+    )
+    tune.add_argument("--batch-size", type=int, default=1)
+    tune.add_argument("--seq-len", type=int, default=128)
+    tune.add_argument(
+        "--tolerance",
+        default="strict",
+        help="strict, bf16, int8, or a max relative difference such as 0.01",
+    )
+    tune.add_argument("--trials", type=int, default=None, help="trial budget (default 20)")
+    tune.add_argument("--timeout", type=float, default=None, help="time budget in seconds")
+    tune.add_argument(
+        "--backends", default=None, help="comma-separated subset, e.g. eager,torchscript"
+    )
+    tune.add_argument(
+        "--no-cache", action="store_true", help="ignore and do not write cached plans"
+    )
+    tune.add_argument("--cache-dir", default=None, help="default: $AUTOCPU_CACHE_DIR or user cache")
+    tune.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    tune.add_argument("--json", action="store_true", help="print the plan as JSON")
+    tune.set_defaults(func=cmd_tune)
+
+    plans = sub.add_parser("plans", help="list, show or remove cached plans")
+    plans.add_argument("action", choices=["list", "show", "rm"])
+    plans.add_argument("key", nargs="?", help="plan key or unique prefix (see 'plans list')")
+    plans.add_argument("--json", action="store_true")
+    plans.add_argument("--cache-dir", default=None)
+    plans.set_defaults(func=cmd_plans)
+    return parser
+
+
+def _version() -> str:
+    from autocpu import __version__
+
+    return f"autocpu {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except AutocpuError as error:
+        print(f"autocpu: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autocpu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Tiny models built from configs (random weights, no downloads) and their inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 100
+WORDS = ["the", "a", "model", "runs", "fast", "on", "cpu", "tuned", "plan", "cache", "good", "bad"]
+
+
+def tiny_config(kind: str) -> transformers.PretrainedConfig:
+    common = {"vocab_size": VOCAB}
+    if kind == "bert":
+        return transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            **common,
+        )
+    if kind == "distilbert":
+        return transformers.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=64, **common
+        )
+    if kind == "roberta":
+        return transformers.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=70,
+            pad_token_id=1,
+            **common,
+        )
+    if kind == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, head: str = "AutoModel", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    auto = getattr(transformers, head)
+    return auto.from_config(tiny_config(kind)).eval()
+
+
+def tiny_inputs(kind: str = "bert", batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1:
+        mask[-1, seq * 3 // 4 :] = 0  # one padded row: masks must be honoured
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind in ("bert",):
+        inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    return inputs
+
+
+def write_tokenizer(directory: Path) -> transformers.BertTokenizerFast:
+    """A real WordPiece tokenizer over a tiny vocabulary (ids < VOCAB)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + WORDS
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own cache dir: no test sees another's plans."""
+    cache = tmp_path / "autocpu-cache"
+    monkeypatch.setenv("AUTOCPU_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path.parent / "inductor-shared"))
+    return cache
+
+
+@pytest.fixture
+def cache_dir(_isolated_cache: Path) -> Path:
+    return _isolated_cache

@@ -1,0 +1,138 @@
+"""The PyTorch backends build real candidates whose outputs match fp32 eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+
+from autocpu.accuracy import Tolerance, compare_outputs
+from autocpu.backends import BuildContext, all_backends, get_backend
+from autocpu.backends.eager import conv1d_to_linear, precisions_for
+from autocpu.errors import AutocpuError
+from autocpu.hardware import probe
+from autocpu.inputs import at_sequence_length
+from autocpu.models import make_spec
+
+MODELS = [
+    ("bert", "AutoModel"),
+    ("distilbert", "AutoModelForSequenceClassification"),
+    ("roberta", "AutoModelForMaskedLM"),
+    ("gpt2", "AutoModelForCausalLM"),
+]
+
+
+def build(backend_name, model, inputs, params, tmp_path):
+    backend = get_backend(backend_name)
+    spec = make_spec(model)
+    ctx = BuildContext(probe(), [inputs], tmp_path)
+    return backend.bind(backend.build(spec, params, ctx), params)
+
+
+def reference(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs)
+
+
+def test_registry_discovers_every_backend_file():
+    names = [b.name for b in all_backends()]
+    assert {"eager", "torchscript", "torch_compile"} <= set(names)
+    assert names[0] == "eager"  # simplest first
+    with pytest.raises(AutocpuError, match="unknown backend 'nope'"):
+        get_backend("nope")
+
+
+@pytest.mark.parametrize(("kind", "head"), MODELS)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_eager_fp32_both_attentions_match(kind, head, attention, tmp_path):
+    model, inputs = tiny_model(kind, head), tiny_inputs(kind)
+    runner = build(
+        "eager",
+        model,
+        inputs,
+        {"attention": attention, "precision": "fp32", "threads": 1},
+        tmp_path,
+    )
+    report = compare_outputs(reference(model, inputs), runner(**inputs), Tolerance.strict())
+    assert report.passed, report.failures
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(probe().usable_cpus)
+
+
+@pytest.mark.parametrize("precision", [p for p in precisions_for(probe()) if p != "fp32"])
+@pytest.mark.parametrize(("kind", "head"), [MODELS[0], MODELS[3]])
+def test_eager_low_precision_stays_close_and_returns_fp32(kind, head, precision, tmp_path):
+    model, inputs = tiny_model(kind, head), tiny_inputs(kind)
+    runner = build("eager", model, inputs, {"attention": "sdpa", "precision": precision}, tmp_path)
+    out = runner(**inputs)
+    ref = reference(model, inputs)
+    report = compare_outputs(ref, out, Tolerance.int8())
+    assert report.passed, report.failures
+    first = next(iter(v for v in out.values() if isinstance(v, torch.Tensor)))
+    assert first.dtype == torch.float32
+    assert report.max_abs > 0  # really ran in another precision
+    assert next(model.parameters()).dtype == torch.float32  # user's model untouched
+
+
+def test_gpt2_conv1d_becomes_linear_with_identical_outputs():
+    model, inputs = tiny_model("gpt2", "AutoModelForCausalLM"), tiny_inputs("gpt2")
+    ref = reference(model, inputs)
+    conv1d_to_linear(model)
+    from transformers.pytorch_utils import Conv1D
+
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    assert compare_outputs(ref, reference(model, inputs), Tolerance.strict()).passed
+
+
+@pytest.mark.parametrize(("kind", "head"), MODELS)
+@pytest.mark.parametrize("freeze", [False, True])
+def test_torchscript_matches_and_handles_a_second_length(kind, head, freeze, tmp_path):
+    model, inputs = tiny_model(kind, head), tiny_inputs(kind, seq=16)
+    runner = build(
+        "torchscript", model, inputs, {"freeze": freeze, "optimize": freeze, "threads": 2}, tmp_path
+    )
+    out = runner(**inputs)
+    ref = reference(model, inputs)
+    assert type(out) is type(ref)
+    assert compare_outputs(ref, out, Tolerance.strict()).passed
+    shorter = at_sequence_length(inputs, 8)
+    if kind == "gpt2":  # GPT-2's trace bakes in the length: the search's second-length check
+        with pytest.raises(RuntimeError):  # is what keeps such a graph from winning
+            runner(**shorter)
+        return
+    assert compare_outputs(reference(model, shorter), runner(**shorter), Tolerance.strict()).passed
+
+
+def test_torchscript_falls_back_to_eager_for_other_input_names(tmp_path):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    runner = build("torchscript", model, inputs, {"freeze": True, "optimize": False}, tmp_path)
+    fewer = {"input_ids": inputs["input_ids"]}
+    assert compare_outputs(reference(model, fewer), runner(**fewer), Tolerance.strict()).passed
+
+
+def test_gpt2_trace_leaves_transformers_masking_as_it_was(tmp_path):
+    from transformers import masking_utils
+
+    before = (
+        masking_utils.sdpa_mask,
+        dict(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping),
+    )
+    model, inputs = tiny_model("gpt2", "AutoModelForCausalLM"), tiny_inputs("gpt2")
+    build("torchscript", model, inputs, {"freeze": True, "optimize": False}, tmp_path)
+    assert masking_utils.sdpa_mask is before[0]
+    assert dict(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping) == before[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "head"), [MODELS[0], MODELS[3]])
+def test_torch_compile_matches(kind, head, tmp_path):
+    model, inputs = tiny_model(kind, head), tiny_inputs(kind)
+    runner = build(
+        "torch_compile",
+        model,
+        inputs,
+        {"freezing": False, "max_autotune": False, "threads": 2},
+        tmp_path,
+    )
+    report = compare_outputs(reference(model, inputs), runner(**inputs), Tolerance.strict())
+    assert report.passed, report.failures

@@ -1,0 +1,150 @@
+"""The CLI end to end in fresh processes, and every bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model, write_tokenizer
+
+import autocpu
+from autocpu.errors import AutocpuError
+from autocpu.plans import PlanCache
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AUTOCPU_CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "autocpu.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "tiny-bert-cls"
+    tiny_model("bert", "AutoModelForSequenceClassification").save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
+
+
+def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
+    args = (
+        "tune",
+        str(model_dir),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--trials",
+        "4",
+        "--backends",
+        "eager,torchscript",
+    )
+    first = run_cli(*args, cache=cache_dir)
+    assert first.returncode == 0, first.stderr
+    assert "trial" in first.stdout and "plan " in first.stdout
+    second = run_cli(*args, "--json", cache=cache_dir)
+    assert second.returncode == 0, second.stderr
+    plan = json.loads(second.stdout)
+    third = run_cli(*args, cache=cache_dir)
+    assert "reused: no trial ran" in third.stdout
+    assert plan["task"] == "text-classification"
+    assert plan["inputs"][0]["input_ids"]["shape"] == [2, 16]
+    listed = run_cli("plans", "list", cache=cache_dir)
+    assert plan["key"][:12] in listed.stdout
+    shown = run_cli("plans", "show", plan["key"][:6], cache=cache_dir)
+    assert shown.returncode == 0 and plan["backend"] in shown.stdout
+    removed = run_cli("plans", "rm", plan["key"][:6], cache=cache_dir)
+    assert removed.returncode == 0 and not (cache_dir / "plans" / f"{plan['key']}.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("tune", "/nonexistent/model"), "no model directory"),
+        (("plans", "show", "feedbeef"), "no plan matching"),
+        (("tune", "{model_dir}", "--tolerance", "loose"), "bad tolerance"),
+        (("tune", "{model_dir}", "--backends", "eager,warp"), "unknown backend 'warp'"),
+        (("tune", "{model_dir}", "--task", "painting"), "unknown task"),
+        (("tune", "{model_dir}", "--seq-len", "0"), "must be positive"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(args, needle, model_dir, cache_dir):
+    result = run_cli(*(a.format(model_dir=model_dir) for a in args), cache=cache_dir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "--" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_api_bad_inputs_are_clear_errors():
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    cases = [
+        (lambda: autocpu.tune("bert-base", inputs), "expected a torch.nn.Module"),
+        (lambda: autocpu.tune(model, "some text"), "example_inputs must be"),
+        (lambda: autocpu.tune(model, []), "example_inputs is empty"),
+        (lambda: autocpu.tune(model, {"input_ids": [1, 2]}), "holds no tensors"),
+        (
+            lambda: autocpu.tune(model, {"pixel_values": torch.ones(1, 3)}),
+            "rejected example_inputs",
+        ),
+        (lambda: autocpu.tune(model, inputs, backends=["nope"]), "unknown backend"),
+        (lambda: autocpu.tune(model, inputs, backends="eager"), "non-empty list"),
+        (lambda: autocpu.tune(model, inputs, tolerance=-1), "bad tolerance"),
+        (lambda: autocpu.tune(model, inputs, n_trials=0), "n_trials"),
+        (lambda: autocpu.tune(model.to(torch.bfloat16), inputs), "not float32"),
+        (lambda: autocpu.apply_plan(model, "/no/such/plan.json"), "no plan file"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(AutocpuError) as info:
+            call()
+        assert needle in str(info.value) and "\n" not in str(info.value)
+        model.float()
+
+
+def test_corrupt_plan_is_moved_aside_and_good_plans_survive(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    good = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    other = autocpu.tune(model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"])
+    path = PlanCache().path(good.plan.key)
+    path.write_text(path.read_text()[:100])  # truncated mid-write by a crash, say
+    retuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    assert not retuned.from_cache
+    moved = list((cache_dir / "corrupt").glob("*.json"))
+    assert len(moved) == 1 and moved[0].read_text().startswith("{")
+    assert path.exists()  # re-tuned plan written back
+    assert PlanCache().load(other.plan.key) is not None  # the other plan untouched
+    again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    assert again.from_cache
+
+
+def test_plan_from_other_versions_is_not_used_and_user_is_told(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    path = PlanCache().path(tuned.plan.key)
+    data = json.loads(path.read_text())
+    data["versions"]["torch"] = "1.0.0"
+    path.write_text(json.dumps(data))
+    with pytest.warns(autocpu.AutocpuWarning, match=r"torch 1\.0\.0 -> "):
+        again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    assert not again.from_cache
+
+
+def test_import_autocpu_stays_light():
+    code = (
+        "import sys, autocpu; from autocpu.backends import all_backends; all_backends();"
+        "autocpu.probe();"
+        "heavy = [m for m in ('onnxruntime', 'openvino', 'optimum', 'nncf') if m in sys.modules];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,139 @@
+"""tune() end to end on tiny models: real searches, real outputs, real cache files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model, write_tokenizer
+
+import autocpu
+from autocpu.accuracy import Tolerance, compare_outputs
+from autocpu.plans import PlanCache
+
+FAST = ["eager", "torchscript"]
+
+
+def counting_progress():
+    calls = []
+    return calls, lambda record, best: calls.append(record)
+
+
+def test_tune_returns_a_drop_in_model_and_a_complete_plan(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    calls, progress = counting_progress()
+    tuned = autocpu.tune(model, inputs, n_trials=6, backends=FAST, progress=progress)
+    assert calls, "the search ran trials"
+    with torch.inference_mode():
+        ref = model(**inputs)
+    out = tuned(**inputs)
+    assert type(out) is type(ref)
+    assert compare_outputs(ref, out, Tolerance.strict()).passed
+    plan = tuned.plan
+    assert plan.backend in FAST and not tuned.from_cache
+    assert plan.machine["fingerprint"] == autocpu.probe().fingerprint()
+    assert plan.model["architecture"] == "BertModel" and len(plan.model["weights"]) == 32
+    assert plan.inputs[0]["input_ids"] == {"shape": [2, 16], "dtype": "int64"}
+    assert {"autocpu", "torch", "transformers", "python"} <= set(plan.versions)
+    assert plan.baseline["median_ms"] > 0 and plan.winner["median_ms"] > 0
+    assert plan.speedup_iqr[0] <= plan.speedup <= plan.speedup_iqr[1]
+    assert plan.accuracy["passed"] is True
+    assert plan.tolerance["name"] == "strict"
+    assert plan.decision
+    statuses = {t["status"] for t in plan.trials}
+    assert statuses <= {"ok", "inaccurate", "failed", "ineligible"}
+    saved = json.loads((cache_dir / "plans" / f"{plan.key}.json").read_text())
+    assert saved["backend"] == plan.backend
+    table = tuned.explain()
+    assert "WINNER" in table or "baseline" in table
+    assert plan.backend in table
+
+
+def test_cached_plan_is_reused_without_a_trial(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    first = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    calls, progress = counting_progress()
+    second = autocpu.tune(model, inputs, n_trials=4, backends=FAST, progress=progress)
+    assert second.from_cache and calls == []
+    assert second.plan.key == first.plan.key
+    assert compare_outputs(first(**inputs), second(**inputs), Tolerance.strict()).passed
+    # Other inputs shapes, weights or tolerance are other plans.
+    other = autocpu.tune(model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"])
+    assert other.plan.key != first.plan.key and not other.from_cache
+
+
+def test_strict_tolerance_never_picks_lossy_precision(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = autocpu.tune(model, inputs, n_trials=10, backends=["eager"], cache=False)
+    assert tuned.plan.params.get("precision", "fp32") == "fp32"
+    lossy = [t for t in tuned.plan.trials if t["params"].get("precision", "fp32") != "fp32"]
+    assert all(t["status"] == "inaccurate" for t in lossy)
+    assert not (cache_dir / "plans").exists()  # cache=False writes nothing
+
+
+def test_list_of_batches_of_different_shapes(cache_dir):
+    model = tiny_model("distilbert", "AutoModelForSequenceClassification")
+    batches = [tiny_inputs("distilbert", batch=1, seq=8), tiny_inputs("distilbert", seq=20)]
+    tuned = autocpu.tune(model, batches, n_trials=4, backends=FAST)
+    assert len(tuned.plan.inputs) == 2
+    for batch in [*batches, tiny_inputs("distilbert", batch=3, seq=11)]:
+        with torch.inference_mode():
+            assert compare_outputs(model(**batch), tuned(**batch), Tolerance.strict()).passed
+
+
+def test_gpt2_causal_lm_tunes_and_still_generates(cache_dir):
+    model, inputs = tiny_model("gpt2", "AutoModelForCausalLM"), tiny_inputs("gpt2", batch=1)
+    tuned = autocpu.tune(model, inputs, n_trials=6, backends=FAST)
+    with torch.inference_mode():
+        ref = model(**inputs)
+    assert compare_outputs(ref, tuned(**inputs), Tolerance.strict()).passed
+    generated = tuned.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    # The trace bakes the length in; it may only win if it survived the second-length check.
+    if tuned.plan.backend == "torchscript":
+        shorter = {k: v[:, :8] for k, v in inputs.items()}
+        assert compare_outputs(model(**shorter), tuned(**shorter), Tolerance.strict()).passed
+
+
+def test_tuned_model_works_in_a_pipeline(tmp_path, cache_dir):
+    from transformers import pipeline
+
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    model = tiny_model("bert", "AutoModelForSequenceClassification")
+    inputs = dict(
+        tokenizer(["the model runs fast", "a good plan"], padding=True, return_tensors="pt")
+    )
+    tuned = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    texts = ["the model runs fast on cpu", "bad cache", "a tuned plan"]
+    expected = pipeline("text-classification", model=model, tokenizer=tokenizer)(texts)
+    got = pipeline("text-classification", model=tuned, tokenizer=tokenizer)(texts)
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert got[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
+
+
+def test_apply_plan_to_a_fresh_model_without_searching(cache_dir):
+    inputs = tiny_inputs("bert")
+    tuned = autocpu.tune(tiny_model("bert"), inputs, n_trials=4, backends=FAST)
+    fresh = tiny_model("bert")  # same seed: same weights
+    applied = autocpu.apply_plan(fresh, tuned.plan.key[:8])
+    assert applied.plan.key == tuned.plan.key
+    assert compare_outputs(fresh(**inputs), applied(**inputs), Tolerance.strict()).passed
+    path = PlanCache().path(tuned.plan.key)
+    assert autocpu.apply_plan(fresh, path, inputs).plan.backend == tuned.plan.backend
+    with pytest.warns(autocpu.AutocpuWarning, match="other weights"):
+        autocpu.apply_plan(tiny_model("bert", seed=1), path)
+
+
+def test_a_crashing_backend_is_recorded_and_the_search_goes_on(cache_dir, monkeypatch):
+    from autocpu.backends.torchscript import TorchScriptBackend
+
+    def explode(self, spec, params, ctx):
+        raise RuntimeError("native crash stand-in")
+
+    monkeypatch.setattr(TorchScriptBackend, "build", explode)
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    failed = [t for t in tuned.plan.trials if t["status"] == "failed"]
+    assert failed and all("native crash stand-in" in t["reason"] for t in failed)
+    assert tuned.plan.backend == "eager"
