@@ -133,8 +133,21 @@ def _tensor_numbers(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float,
     return max_abs, rel, cosine
 
 
-def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> AccuracyReport:
-    """Compare every tensor the reference returns (caches excepted) with the candidate's."""
+def real_tokens(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-token outputs at real tokens only: values at padding are undefined, and engines
+    legitimately differ there (OpenVINO's GPT-2 logits at padded positions differ by ~0.4)."""
+    if mask is None or tensor.dim() < 2 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+        return tensor
+    return tensor[mask.bool()]
+
+
+def compare_outputs(
+    reference: Any, candidate: Any, tolerance: Tolerance, mask: torch.Tensor | None = None
+) -> AccuracyReport:
+    """Compare every tensor the reference returns (caches excepted) with the candidate's.
+
+    ``mask`` (the batch's attention_mask) restricts per-token outputs to real tokens.
+    """
     ref_tensors = named_tensors(reference)
     got_tensors = named_tensors(candidate)
     report = AccuracyReport()
@@ -146,6 +159,7 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> Acc
         if tuple(got.shape) != tuple(ref.shape):
             report.failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
             continue
+        ref, got = real_tokens(ref, mask), real_tokens(got, mask)
         if not torch.isfinite(got.float()).all() and torch.isfinite(ref.float()).all():
             report.failures.append(f"{name}: non-finite values")
             continue
@@ -172,10 +186,14 @@ def compare_outputs(reference: Any, candidate: Any, tolerance: Tolerance) -> Acc
 
 
 def compare_batches(
-    references: list[Any], candidates: list[Any], tolerance: Tolerance
+    references: list[Any],
+    candidates: list[Any],
+    tolerance: Tolerance,
+    batches: list[dict[str, Any]] | None = None,
 ) -> AccuracyReport:
-    """Worst case over several batches."""
+    """Worst case over several batches (masked by each batch's attention_mask if given)."""
     total = AccuracyReport()
-    for reference, candidate in zip(references, candidates, strict=True):
-        total.merge(compare_outputs(reference, candidate, tolerance))
+    masks = [b.get("attention_mask") for b in batches] if batches else [None] * len(references)
+    for reference, candidate, mask in zip(references, candidates, masks, strict=True):
+        total.merge(compare_outputs(reference, candidate, tolerance, mask))
     return total

@@ -121,7 +121,7 @@ class TrialRunner:
             started = time.perf_counter()
             outputs = [runner(**batch) for batch in self.batches]
             record.first_call_s = time.perf_counter() - started
-            report = compare_batches(self.references, outputs, self.tolerance)
+            report = compare_batches(self.references, outputs, self.tolerance, self.batches)
             record.accuracy = report.to_dict()
             if not report.passed:
                 record.status = "inaccurate"
@@ -153,7 +153,7 @@ class TrialRunner:
             outputs = [runner(**b) for b in batches]
         finally:
             torch.set_num_threads(self.default_threads)
-        report = compare_batches(references, outputs, self.tolerance)
+        report = compare_batches(references, outputs, self.tolerance, batches)
         if not report.passed:
             report.failures.insert(0, f"at sequence length {lengths[0]}")
         return report
@@ -210,6 +210,7 @@ class Search:
         baseline_runner = Runner(self.trials.spec.model, threads=self.trials.default_threads)
         stats = measure(workload(baseline_runner, self.trials.batches))
         baseline.latency = stats.to_dict()
+        baseline.accuracy = AccuracyReport().to_dict()  # it is the reference
         baseline.reason = "baseline"
         self.best_ms = stats.median_ms
         self._run_study()
@@ -244,7 +245,7 @@ class Search:
 
     def _objective(self, trial: optuna.Trial) -> float:
         name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.hw)
+        params = self.backends[name].suggest(trial, self.trials.spec, self.hw)
         record = TrialRecord(name, params, number=trial.number)
         seen = self._seen.get(record.identity)
         if seen is not None:

@@ -72,3 +72,14 @@ def test_missing_output_shape_mismatch_and_nan_fail():
 def test_kv_cache_is_not_compared():
     ref = {"logits": torch.ones(1, 2, 5), "past_key_values": ((torch.ones(1),),)}
     assert compare_outputs(ref, {"logits": torch.ones(1, 2, 5)}, Tolerance.strict()).passed
+
+
+def test_padding_positions_are_not_compared():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ref = {"logits": torch.randn(2, 3, 5), "pooled": torch.randn(2, 4)}
+    got = {"logits": ref["logits"].clone(), "pooled": ref["pooled"].clone()}
+    got["logits"][0, 2] += 10.0  # garbage at a padded position
+    assert compare_outputs(ref, got, Tolerance.strict(), mask).passed
+    assert not compare_outputs(ref, got, Tolerance.strict()).passed
+    got["logits"][1, 2] += 1.0  # a real token
+    assert not compare_outputs(ref, got, Tolerance.strict(), mask).passed

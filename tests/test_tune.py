@@ -42,7 +42,8 @@ def test_tune_returns_a_drop_in_model_and_a_complete_plan(cache_dir):
     assert plan.tolerance["name"] == "strict"
     assert plan.decision
     statuses = {t["status"] for t in plan.trials}
-    assert statuses <= {"ok", "inaccurate", "failed", "ineligible"}
+    assert statuses <= {"ok", "inaccurate"}, [t["reason"] for t in plan.trials]
+    assert sum(t["status"] == "ok" for t in plan.trials) >= 3  # baseline + both backends' defaults
     saved = json.loads((cache_dir / "plans" / f"{plan.key}.json").read_text())
     assert saved["backend"] == plan.backend
     table = tuned.explain()

@@ -95,8 +95,8 @@ class Backend(ABC):
         """The settings a user following the backend's own docs would use; tried first."""
 
     @abstractmethod
-    def suggest(self, trial: optuna.Trial, hw: CpuInfo) -> dict[str, Any]:
-        """Sample settings on ``trial`` (names through :meth:`key`); return them unprefixed."""
+    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+        """Sample settings for this model on ``trial`` (names via :meth:`key`), unprefixed."""
 
     @abstractmethod
     def build(self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext) -> Any:

@@ -142,7 +142,7 @@ class EagerBackend(Backend):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         return {"attention": "sdpa", "precision": "fp32", "threads": hw.usable_cpus}
 
-    def suggest(self, trial: optuna.Trial, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
         return {
             "attention": trial.suggest_categorical(self.key("attention"), ["eager", "sdpa"]),
             "precision": trial.suggest_categorical(self.key("precision"), precisions_for(hw)),

@@ -1,0 +1,275 @@
+"""Plumbing shared by the two optimum-based backends (ONNX Runtime and OpenVINO).
+
+Both export the model once through an optimum exporter, keep the files on disk keyed by the
+versions that produced them, derive variants (fused, int8) from that export, and load a variant
+with the optimum model class of the task. Nothing heavy is imported at module level: this module
+is imported with the backends, which must load fast and work without optimum installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autocpu.errors import AutocpuError
+
+if TYPE_CHECKING:
+    from autocpu.backends.base import BuildContext
+    from autocpu.models import ModelSpec
+
+#: Task name -> suffix of the optimum class (``ORTModelFor<suffix>``, ``OVModelFor<suffix>``).
+TASK_CLASS_SUFFIX = {
+    "feature-extraction": "FeatureExtraction",
+    "text-classification": "SequenceClassification",
+    "token-classification": "TokenClassification",
+    "question-answering": "QuestionAnswering",
+    "fill-mask": "MaskedLM",
+    "multiple-choice": "MultipleChoice",
+    "text-generation": "CausalLM",
+}
+
+#: Importing these registers each exporter's model configs with optimum's TasksManager.
+_EXPORTER_MODULES = {"onnx": "optimum.exporters.onnx", "openvino": "optimum.exporters.openvino"}
+
+#: Present in a variant folder only once everything in it has been written.
+COMPLETE_MARKER = ".autocpu-complete"
+
+#: Files of an export that are not the model itself, copied into derived variants.
+SIDE_FILES = ("config.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ExportedVariant:
+    """A complete variant folder on disk and what is needed to load it."""
+
+    path: Path
+    task: str
+    #: True when a text-generation export carries the KV cache (so ``generate()`` reuses it).
+    with_past: bool = False
+    #: Graph outputs beyond what optimum's model class returns (see :class:`TorchLikeModel`).
+    extra_outputs: tuple[str, ...] = ()
+
+
+def model_class(module: str, prefix: str, task: str) -> type | None:
+    """The optimum class for ``task`` (e.g. ``ORTModelForCausalLM``), or None if it has none."""
+    suffix = TASK_CLASS_SUFFIX.get(task)
+    if suffix is None:
+        return None
+    return getattr(importlib.import_module(module), f"{prefix}{suffix}", None)
+
+
+def versions_hash(dists: Iterable[str]) -> str:
+    """Short hash of installed versions: exports from other versions are never reused."""
+    found = {}
+    for dist in sorted(set(dists)):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def supported_tasks(exporter: str, model_type: str) -> set[str] | str:
+    """Tasks the exporter supports for ``model_type``, or the exporter's reason when none."""
+    importlib.import_module(_EXPORTER_MODULES[exporter])
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            model_type, exporter=exporter, library_name="transformers"
+        )
+    except KeyError:
+        return f"the {exporter} exporter does not support model type {model_type!r}"
+    return set(tasks)
+
+
+def exporter_reason(exporter: str, model_type: str, task: str) -> str | None:
+    """Why the exporter cannot export this model for this task, or None when it can."""
+    tasks = supported_tasks(exporter, model_type)
+    if isinstance(tasks, str):
+        return tasks
+    if task not in tasks:
+        plain = ", ".join(sorted(t for t in tasks if not t.endswith("-with-past")))
+        return f"the {exporter} exporter supports {model_type} only for: {plain}"
+    return None
+
+
+def export_task(exporter: str, model_type: str, task: str) -> str:
+    """Exporter task name: text generation is exported with its KV cache when supported."""
+    tasks = supported_tasks(exporter, model_type)
+    with_past = f"{task}-with-past"
+    if task == "text-generation" and isinstance(tasks, set) and with_past in tasks:
+        return with_past
+    return task
+
+
+def extra_outputs(spec: ModelSpec) -> tuple[str, ...]:
+    """Outputs of the torch model that optimum's feature-extraction export leaves out.
+
+    optimum exports and returns only ``last_hidden_state``; a BERT-like ``AutoModel`` also
+    returns ``pooler_output``, which users (and autocpu's accuracy check) expect to find.
+    """
+    if spec.task == "feature-extraction" and getattr(spec.model, "pooler", None) is not None:
+        return ("pooler_output",)
+    return ()
+
+
+def pad_token_for_export(spec: ModelSpec) -> int | None:
+    """A pad token id for classifiers that have none (GPT-2 style), else None.
+
+    Both exporters then look for a tokenizer next to the weights and fail without one. Without
+    a pad token the torch model pools the last token of each row; ``-1`` never occurs in
+    ``input_ids``, so the exported graph pools the last token too, for any batch size.
+    """
+    config = getattr(spec.model, "config", None)
+    if spec.task == "text-classification" and getattr(config, "pad_token_id", 0) is None:
+        return -1
+    return None
+
+
+def custom_export_configs(
+    exporter: str, spec: ModelSpec, task: str, extra: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The exporter's own config for this model, with ``extra`` added to its outputs."""
+    if not extra:
+        return None
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter=exporter, model=spec.model, task=task, library_name="transformers"
+    )
+    config = constructor(spec.model.config)
+    base = type(config)
+
+    def outputs(self: Any) -> dict[str, dict[int, str]]:
+        found = base.outputs.fget(self)
+        for name in extra:
+            found.setdefault(name, {0: "batch_size"})
+        return found
+
+    # Swap the class rather than re-instantiate: the constructor may bind extra arguments.
+    config.__class__ = type(f"{base.__name__}WithOutputs", (base,), {"outputs": property(outputs)})
+    return {"model": config}
+
+
+#: Runs a loaded optimum model on a feed of its graph inputs; returns every graph output.
+RunAll = Callable[[Any, dict[str, Any]], dict[str, Any]]
+
+
+class TorchLikeModel:
+    """An optimum model called with the torch model's keyword inputs, returning its fields.
+
+    Fills what torch defaults but the exported graph requires (an all-ones ``attention_mask``,
+    zero ``token_type_ids``). With ``run_all`` (feature extraction with :func:`extra_outputs`)
+    it returns every graph output, since optimum's ``forward`` returns ``last_hidden_state``
+    only. Other attributes (``config``, ``generate``, ``session``...) are the wrapped model's.
+    """
+
+    def __init__(self, model: Any, run_all: RunAll | None = None) -> None:
+        self.model = model
+        self._run_all = run_all
+
+    def __call__(self, **inputs: Any) -> Any:
+        import torch
+
+        names = getattr(self.model, "input_names", None) or {}
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            if "attention_mask" in names and inputs.get("attention_mask") is None:
+                inputs["attention_mask"] = torch.ones_like(ids)
+            if "token_type_ids" in names and inputs.get("token_type_ids") is None:
+                inputs["token_type_ids"] = torch.zeros_like(ids)
+        if self._run_all is None:
+            return self.model(**inputs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        feed = {k: v for k, v in inputs.items() if k in names}
+        return BaseModelOutputWithPooling(**self._run_all(self.model, feed))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+def model_root(ctx: BuildContext, prefix: str, spec: ModelSpec, dists: Iterable[str]) -> Path:
+    """``<artifact_dir>/<prefix>-<versions hash>/<model fingerprint>-<task>``."""
+    return (
+        ctx.artifact_dir / f"{prefix}-{versions_hash(dists)}" / f"{spec.fingerprint_id}-{spec.task}"
+    )
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def check_built(built: ExportedVariant) -> None:
+    """Fail clearly when a cached build's folder was deleted since (build() remakes it)."""
+    if not is_complete(built.path):
+        raise AutocpuError(
+            f"the built files in {built.path} are gone or incomplete",
+            "build the candidate again (deleting artifacts is safe: build() remakes them)",
+        )
+
+
+def ensure_variant(target: Path, make: Callable[[Path], None], info: dict[str, Any]) -> bool:
+    """Make ``target`` with ``make(tmp)`` unless a complete copy exists; True if it was made.
+
+    ``make`` writes into a temporary sibling that is renamed into place after the marker is
+    written, so a crash never leaves a folder that looks complete, and a deleted folder is
+    simply made again. A file lock keeps two processes from making the same variant at once.
+    """
+    from filelock import FileLock
+
+    if is_complete(target):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(f".{target.name}.lock"))):
+        if is_complete(target):
+            return False
+        if target.exists():
+            shutil.rmtree(target)  # left over from an interrupted build
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            started = time.perf_counter()
+            make(tmp)
+            info = {**info, "seconds": round(time.perf_counter() - started, 3)}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(info, sort_keys=True, default=str))
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+def make_variant(
+    ctx: BuildContext, backend: str, folder: Path, make: Callable[[Path], None], **info: Any
+) -> None:
+    """:func:`ensure_variant`, noting the one-time cost in ``ctx.notes`` when it was made."""
+    if ensure_variant(folder, make, {"backend": backend, **info}):
+        made = ctx.notes.setdefault(f"{backend}.build_seconds", {})
+        made[folder.name] = build_seconds(folder)
+
+
+def build_seconds(folder: Path) -> float | None:
+    """How long making a variant took, as recorded in its marker (for one-time cost reports)."""
+    try:
+        return float(json.loads((folder / COMPLETE_MARKER).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    """Copy config files so a derived variant folder loads on its own."""
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)

@@ -1,0 +1,236 @@
+"""OpenVINO through optimum-intel: export to IR once, optional int8 weights, tuned compile config.
+
+Two facts shape this backend (see GUIDE.md):
+
+* OpenVINO runs in **bf16 by default** on CPUs with AVX512-BF16 or AMX, which changes numerics.
+  Every candidate therefore sets ``INFERENCE_PRECISION_HINT`` explicitly, and :meth:`bind` reads
+  the precision back from the compiled model and refuses a mismatch.
+* The exporter silently int8-compresses models with >= 1B parameters when nncf is installed.
+  The export passes an explicit fp32 ``OVConfig`` (no quantization config), so the fp32 variant
+  is really fp32; int8 weights are a separate, explicit build parameter.
+
+Text generation is exported with its KV cache as a stateful model (optimum-intel's default), so
+``generate()`` works on the runner's model; a plain forward gives the same logits as torch.
+Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from autocpu.backends import _optimum_common as common
+from autocpu.backends.base import Availability, Backend, BuildContext, Runner
+from autocpu.errors import AutocpuError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autocpu.hardware import CpuInfo
+    from autocpu.models import ModelSpec
+
+HINTS = ("LATENCY", "THROUGHPUT")
+WEIGHTS = ("fp32", "int8")
+
+
+def nncf_installed() -> bool:
+    """int8 weight compression needs nncf (found without importing it: it is slow to import)."""
+    return importlib.util.find_spec("nncf") is not None
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO CPU plugin on an optimum-intel IR export."""
+
+    name: ClassVar[str] = "openvino"
+    description: ClassVar[str] = (
+        "OpenVINO via optimum-intel: IR export, optional int8 weights (nncf), tuned hint, "
+        "precision, threads and streams"
+    )
+    simplicity: ClassVar[int] = 2
+    extra: ClassVar[str | None] = "openvino"
+    requires: ClassVar[tuple[str, ...]] = ("optimum-intel", "openvino")
+    runtime_params: ClassVar[frozenset[str]] = frozenset(
+        {"hint", "precision", "threads", "streams", "pinning"}
+    )
+    #: Versions that shape the exported files (folder name hash).
+    artifact_dists: ClassVar[tuple[str, ...]] = (
+        "optimum-intel",
+        "openvino",
+        "nncf",
+        "optimum",
+        "torch",
+        "transformers",
+    )
+
+    # Capabilities -----------------------------------------------------------------------------
+
+    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
+        """Packages present and, for a model, the exporter and an OVModel class handle it."""
+        missing = self.missing_packages()
+        if missing is not None:
+            return missing
+        if spec is None:
+            return Availability.yes()
+        if common.model_class("optimum.intel", "OVModelFor", spec.task) is None:
+            return Availability.no(
+                f"optimum-intel has no OVModel class for task {spec.task!r}",
+                "use another backend for this model",
+            )
+        reason = common.exporter_reason("openvino", spec.model_type, spec.task)
+        if reason:
+            return Availability.no(reason, "use another backend for this model")
+        return Availability.yes()
+
+    # Search space -----------------------------------------------------------------------------
+
+    def defaults(self, hw: CpuInfo) -> dict[str, Any]:
+        """optimum-intel's settings, except precision: f32, not the bf16 OpenVINO picks here."""
+        return {
+            "weights": "fp32",
+            "hint": "LATENCY",
+            "precision": "f32",
+            "threads": max(hw.usable_cpus, 1),
+            "streams": 1,
+            "pinning": True,
+        }
+
+    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+        """Define-by-run: bf16 only with native bf16, int8 only with nncf, streams by hint.
+
+        One call runs one request, which uses one stream: more streams only split the threads,
+        so streams are searched under the THROUGHPUT hint only (LATENCY means one stream).
+        """
+        weights = list(WEIGHTS) if nncf_installed() else ["fp32"]
+        precisions = ["f32", "bf16"] if hw.native_bf16 else ["f32"]
+        params: dict[str, Any] = {
+            "weights": trial.suggest_categorical(self.key("weights"), weights),
+            "hint": trial.suggest_categorical(self.key("hint"), list(HINTS)),
+            "precision": trial.suggest_categorical(self.key("precision"), precisions),
+            "threads": self.suggest_threads(trial, hw),
+        }
+        params["streams"] = (
+            trial.suggest_int(self.key("streams"), 1, max(hw.usable_cpus, 1))
+            if params["hint"] == "THROUGHPUT"
+            else 1
+        )
+        params["pinning"] = trial.suggest_categorical(self.key("pinning"), [True, False])
+        return params
+
+    # Build: export once, derive int8 ----------------------------------------------------------
+
+    def build(
+        self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext
+    ) -> common.ExportedVariant:
+        """The IR folder for the build params, exporting or compressing only what is missing."""
+        root = common.model_root(ctx, "openvino", spec, self.artifact_dists)
+        task = common.export_task("openvino", spec.model_type, spec.task)
+        folder = root / "fp32"
+        common.make_variant(
+            ctx, self.name, folder, lambda tmp: _export(spec, ctx, task, tmp), task=task
+        )
+        weights = params.get("weights", "fp32")
+        if weights not in WEIGHTS:
+            raise AutocpuError(f"unknown weights={weights!r}", "use 'fp32' or 'int8'")
+        if weights == "int8":
+            if not nncf_installed():
+                raise AutocpuError("int8 weights need nncf", "pip install 'autocpu[nncf]'")
+            source, folder = folder, root / "int8"
+            common.make_variant(ctx, self.name, folder, lambda tmp: _compress(source, tmp))
+        return common.ExportedVariant(
+            folder,
+            spec.task,
+            with_past=task.endswith("-with-past"),
+            extra_outputs=common.extra_outputs(spec),
+        )
+
+    # Bind: compile with the runtime params ----------------------------------------------------
+
+    def bind(self, built: common.ExportedVariant, params: Mapping[str, Any]) -> Runner:
+        """Compile the IR with ``ov_config`` and check the precision OpenVINO really chose."""
+        common.check_built(built)
+        cls = common.model_class("optimum.intel", "OVModelFor", built.task)
+        if cls is None:
+            raise AutocpuError(
+                f"optimum-intel has no OVModel class for task {built.task!r}",
+                "use another backend for this model",
+            )
+        # A local folder: no hub access. (local_files_only=True would make optimum-intel look
+        # for the folder in the hub cache and log a spurious "Could not infer" warning.)
+        model = cls.from_pretrained(
+            str(built.path), export=False, ov_config=ov_config(params), device="CPU", compile=True
+        )
+        wanted = params.get("precision", "f32")
+        actual = compiled_precision(model)
+        if actual != wanted:
+            raise AutocpuError(
+                f"OpenVINO compiled in {actual} although {wanted} was asked for",
+                "report this; do not trust this candidate's accuracy",
+            )
+        model = common.TorchLikeModel(model, _run_compiled if built.extra_outputs else None)
+        return Runner(model, threads=None)  # threads live in the compiled model, not in torch
+
+
+def ov_config(params: Mapping[str, Any]) -> dict[str, str]:
+    """The compile config (string values, as optimum-intel passes them to OpenVINO).
+
+    Precision is always set: left out, OpenVINO picks bf16 on CPUs that have it.
+    """
+    config = {
+        "PERFORMANCE_HINT": str(params.get("hint", "LATENCY")),
+        "INFERENCE_PRECISION_HINT": str(params.get("precision", "f32")),
+        "ENABLE_CPU_PINNING": "YES" if params.get("pinning", True) else "NO",
+    }
+    if params.get("threads"):
+        config["INFERENCE_NUM_THREADS"] = str(int(params["threads"]))
+    if params.get("streams"):
+        config["NUM_STREAMS"] = str(int(params["streams"]))
+    return config
+
+
+def compiled_precision(model: Any) -> str:
+    """``INFERENCE_PRECISION_HINT`` of the compiled model, as "f32" / "bf16" / "f16"."""
+    request = model.request
+    compiled = request.get_compiled_model() if hasattr(request, "get_compiled_model") else request
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def _run_compiled(model: Any, feed: dict[str, Any]) -> dict[str, Any]:
+    """Every output of the compiled model (the OVModel's ``forward`` returns only some)."""
+    import torch
+
+    result = model.request({k: v.numpy(force=True) for k, v in feed.items()})
+    return {name: torch.from_numpy(result[index]) for name, index in model.output_names.items()}
+
+
+def _export(spec: ModelSpec, ctx: BuildContext, task: str, target: Path) -> None:
+    """optimum-intel export, explicitly fp32: no size-based int8 compression behind our back."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel.openvino.configuration import OVConfig
+
+    main_export(
+        str(spec.saved_copy(ctx.artifact_dir)),
+        output=target,
+        task=task,
+        library_name="transformers",
+        local_files_only=True,
+        ov_config=OVConfig(dtype="fp32"),
+        pad_token_id=common.pad_token_for_export(spec),
+        custom_export_configs=common.custom_export_configs(
+            "openvino", spec, task, common.extra_outputs(spec)
+        ),
+    )
+
+
+def _compress(source: Path, target: Path) -> None:
+    """nncf int8 (asymmetric) weight compression of every IR in the fp32 export."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    for xml in sorted(source.glob("*.xml")):
+        model = core.read_model(xml)
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        ov.save_model(compressed, target / xml.name, compress_to_fp16=False)
+    common.copy_side_files(source, target)

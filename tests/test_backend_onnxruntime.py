@@ -1,0 +1,319 @@
+"""ONNX Runtime backend: real exports of tiny models, compared with the torch model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("optimum.onnxruntime")
+
+import optuna
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertLMHeadModel,
+    BertModel,
+    CTRLConfig,
+    CTRLModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
+
+from autocpu.backends import _optimum_common as common
+from autocpu.backends.base import BuildContext
+from autocpu.backends.onnxruntime import OnnxRuntimeBackend, session_options
+from autocpu.errors import AutocpuError
+from autocpu.hardware import probe
+from autocpu.models import make_spec
+from autocpu.outputs import named_tensors
+
+BERT = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
+MODELS = {
+    "bert": lambda: BertModel(BertConfig(**BERT)),
+    "bert-cls": lambda: BertForSequenceClassification(BertConfig(**BERT)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2)),
+}
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding in the second row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if name.startswith("bert"):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+@dataclasses.dataclass
+class Case:
+    spec: object
+    inputs: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    ctx: BuildContext
+
+
+@pytest.fixture(scope="module")
+def backend() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ort-artifacts")
+
+
+@pytest.fixture(scope="module")
+def cases(artifacts: Path) -> dict[str, Case]:
+    found = {}
+    for name, factory in MODELS.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        inputs = _inputs(name)
+        with torch.inference_mode():
+            reference = named_tensors(model(**inputs))
+        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifacts)
+        found[name] = Case(make_spec(model), inputs, reference, ctx)
+    return found
+
+
+def _run(backend: OnnxRuntimeBackend, case: Case, params: dict) -> dict[str, torch.Tensor]:
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    return named_tensors(runner(**case.inputs))
+
+
+def _real_tokens(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs at real tokens only: at padded positions implementations disagree
+    (torch sdpa vs eager, OpenVINO) and the values mean nothing."""
+    if tensor.shape[:2] != mask.shape:
+        return tensor
+    return tensor[mask.bool()]
+
+
+def _max_diff(outputs: dict, case: Case, key: str) -> float:
+    mask = case.inputs["attention_mask"]
+    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
+    return (got - expected).abs().max().item()
+
+
+def _cosine(outputs: dict, case: Case, key: str) -> float:
+    mask = case.inputs["attention_mask"]
+    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
+    return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
+
+
+def test_import_is_light() -> None:
+    """Importing the backend modules needs none of the heavy packages (they are blocked here)."""
+    heavy = ("onnxruntime", "optimum", "openvino", "nncf")
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({heavy!r}));"
+        "import autocpu.backends.onnxruntime as a, autocpu.backends.openvino as b;"
+        "print(a.OnnxRuntimeBackend.name, b.OpenVinoBackend.name)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["onnxruntime", "openvino"]
+
+
+def test_availability(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> None:
+    hw = probe()
+    assert backend.availability(None, hw).ok
+    assert backend.availability(cases["bert-cls"].spec, hw).ok
+    no_task = backend.availability(make_spec(BertLMHeadModel(BertConfig(**BERT))), hw)
+    assert not no_task.ok and "text-generation" not in no_task.reason
+    assert "feature-extraction" in no_task.reason
+    ctrl = CTRLModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=16))
+    no_type = backend.availability(make_spec(ctrl), hw)
+    assert not no_type.ok and "'ctrl'" in no_type.reason
+
+
+def test_missing_package_names_the_fix() -> None:
+    class Missing(OnnxRuntimeBackend):
+        requires = ("autocpu-no-such-distribution",)
+
+    answer = Missing().availability(None, probe())
+    assert not answer.ok
+    assert "autocpu-no-such-distribution" in answer.reason
+    assert "autocpu[onnxruntime]" in answer.fix
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_defaults_match_torch(backend: OnnxRuntimeBackend, cases: dict[str, Case], name: str):
+    case = cases[name]
+    outputs = _run(backend, case, backend.defaults(probe()))
+    assert set(outputs) == set(case.reference)  # e.g. pooler_output for BertModel
+    for key in case.reference:
+        assert _max_diff(outputs, case, key) <= 1e-4, key
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_fusion_matches_torch(backend: OnnxRuntimeBackend, cases: dict[str, Case], name: str):
+    case = cases[name]
+    params = {**backend.defaults(probe()), "fusion": True, "opt_level": "disable"}
+    outputs = _run(backend, case, params)
+    for key in case.reference:
+        assert _max_diff(outputs, case, key) <= 1e-4, key
+
+
+@pytest.mark.parametrize(
+    ("name", "fusion", "per_channel"),
+    [("bert-cls", False, False), ("bert", True, True), ("gpt2", False, True)],
+)
+def test_int8_stays_close(
+    backend: OnnxRuntimeBackend, cases: dict[str, Case], name: str, fusion: bool, per_channel: bool
+) -> None:
+    case = cases[name]
+    params = {
+        **backend.defaults(probe()),
+        "fusion": fusion,
+        "quantize": "int8",
+        "per_channel": per_channel,
+    }
+    built = backend.build(case.spec, params, case.ctx)
+    assert "int8" in built.path.name
+    outputs = named_tensors(backend.bind(built, params)(**case.inputs))
+    for key in case.reference:
+        assert _cosine(outputs, case, key) > 0.99, key
+
+
+def test_second_build_reuses_the_export(backend: OnnxRuntimeBackend, cases: dict[str, Case]):
+    case = cases["bert-cls"]
+    params = backend.defaults(probe())
+    first = backend.build(case.spec, params, case.ctx)
+    onnx = first.path / "model.onnx"
+    before = onnx.stat()
+    fresh = dataclasses.replace(case.ctx, notes={})
+    # Runtime params differ: same build key, same files, nothing exported or derived again.
+    other = {**params, "threads": 1, "opt_level": "basic", "spinning": False}
+    assert backend.build_key(other) == backend.build_key(params)
+    second = backend.build(case.spec, other, fresh)
+    after = (second.path / "model.onnx").stat()
+    assert second.path == first.path
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert "onnxruntime.build_seconds" not in fresh.notes
+    assert first.path.parent.parent.name.startswith("onnx-")
+
+
+def test_deleted_or_partial_variant_is_rebuilt(backend: OnnxRuntimeBackend, cases: dict[str, Case]):
+    case = cases["gpt2"]
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, case.ctx)
+    shutil.rmtree(built.path)
+    with pytest.raises(AutocpuError, match="build the candidate again"):
+        backend.bind(built, params)  # a stale cached build says what to do
+    rebuilt = backend.build(case.spec, params, dataclasses.replace(case.ctx, notes={}))
+    assert common.is_complete(rebuilt.path)
+    # A folder without the completeness marker (an interrupted build) is not trusted.
+    (rebuilt.path / common.COMPLETE_MARKER).unlink()
+    (rebuilt.path / "model.onnx").write_bytes(b"truncated")
+    ctx = dataclasses.replace(case.ctx, notes={})
+    again = backend.build(case.spec, params, ctx)
+    assert "fp32" in ctx.notes["onnxruntime.build_seconds"]
+    outputs = named_tensors(backend.bind(again, params)(**case.inputs))
+    assert _max_diff(outputs, case, "logits") <= 1e-4
+
+
+def test_session_gets_the_runtime_params(backend: OnnxRuntimeBackend, cases: dict[str, Case]):
+    case = cases["bert-cls"]
+    params = {
+        **backend.defaults(probe()),
+        "threads": 1,
+        "inter_threads": 2,
+        "opt_level": "extended",
+        "execution_mode": "parallel",
+        "spinning": False,
+    }
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    assert runner.threads is None  # ORT threads live in the session
+    options = runner.fn.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.inter_op_num_threads == 2
+    assert str(options.graph_optimization_level).endswith("ORT_ENABLE_EXTENDED")
+    assert str(options.execution_mode).endswith("ORT_PARALLEL")
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert (
+        session_options(backend.defaults(probe())).get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+        == "1"
+    )
+
+
+def test_generate_uses_the_kv_cache(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> None:
+    case = cases["gpt2"]
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.with_past
+    model = backend.bind(built, params).fn
+    prompt = case.inputs["input_ids"][:1]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_suggest_defines_the_space(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> None:
+    hw = probe()
+    spec = cases["bert"].spec
+    trial = optuna.create_study().ask()
+    params = backend.suggest(trial, spec, hw)
+    assert set(params) == set(backend.defaults(hw))
+    assert all(name.startswith("onnxruntime.") for name in trial.params)
+    assert trial.distributions["onnxruntime.fusion"].choices == (False, True)
+    assert 1 <= params["threads"] <= hw.usable_cpus
+    no_fusion = dataclasses.replace(spec)
+    no_fusion.model.config.model_type = "no-such-type"
+    trial = optuna.create_study().ask()
+    try:
+        backend.suggest(trial, no_fusion, hw)
+    finally:
+        no_fusion.model.config.model_type = "bert"
+    assert trial.distributions["onnxruntime.fusion"].choices == (False,)
+    no_vnni = dataclasses.replace(hw, flags=())
+    trial = optuna.create_study().ask()
+    assert backend.suggest(trial, spec, no_vnni)["quantize"] == "none"
+    assert trial.distributions["onnxruntime.quantize"].choices == ("none",)
+
+
+def test_fusion_model_types() -> None:
+    assert OnnxRuntimeBackend.fusion_model_type("bert") == "bert"
+    assert OnnxRuntimeBackend.fusion_model_type("gpt2") == "gpt2"
+    assert OnnxRuntimeBackend.fusion_model_type("opt") is None
+
+
+def test_classifier_without_pad_token(backend: OnnxRuntimeBackend, artifacts: Path) -> None:
+    """GPT-2 classifiers often have no pad token; the exporter would then want a tokenizer."""
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(**GPT2)).eval()
+    assert model.config.pad_token_id is None
+    inputs = {"input_ids": torch.randint(1, 100, (1, 12))}
+    with torch.inference_mode():
+        expected = model(**inputs).logits
+    ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifacts)
+    params = backend.defaults(probe())
+    runner = backend.bind(backend.build(make_spec(model), params, ctx), params)
+    assert (runner(**inputs).logits - expected).abs().max().item() <= 1e-4

@@ -1,0 +1,295 @@
+"""OpenVINO backend: real IR exports of tiny models, compiled and compared with the torch model."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("optimum.intel.openvino")
+
+import optuna
+from transformers import (
+    BertConfig,
+    BertForMultipleChoice,
+    BertForSequenceClassification,
+    BertModel,
+    CTRLConfig,
+    CTRLModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from autocpu.backends import _optimum_common as common
+from autocpu.backends.base import BuildContext
+from autocpu.backends.openvino import (
+    OpenVinoBackend,
+    compiled_precision,
+    nncf_installed,
+    ov_config,
+)
+from autocpu.hardware import probe
+from autocpu.models import make_spec
+from autocpu.outputs import named_tensors
+
+BERT = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
+MODELS = {
+    "bert": lambda: BertModel(BertConfig(**BERT)),
+    "bert-cls": lambda: BertForSequenceClassification(BertConfig(**BERT)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2)),
+}
+needs_nncf = pytest.mark.skipif(not nncf_installed(), reason="nncf is not installed")
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding in the second row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if name.startswith("bert"):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+@dataclasses.dataclass
+class Case:
+    spec: object
+    inputs: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    ctx: BuildContext
+
+
+@pytest.fixture(scope="module")
+def backend() -> OpenVinoBackend:
+    return OpenVinoBackend()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    artifacts = tmp_path_factory.mktemp("ov-artifacts")
+    found = {}
+    for name, factory in MODELS.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        inputs = _inputs(name)
+        with torch.inference_mode():
+            reference = named_tensors(model(**inputs))
+        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifacts)
+        found[name] = Case(make_spec(model), inputs, reference, ctx)
+    return found
+
+
+def _real_tokens(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs at real tokens only: at padded positions implementations disagree
+    (torch sdpa vs eager, OpenVINO) and the values mean nothing."""
+    if tensor.shape[:2] != mask.shape:
+        return tensor
+    return tensor[mask.bool()]
+
+
+def _max_diff(outputs: dict, case: Case, key: str) -> float:
+    mask = case.inputs["attention_mask"]
+    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
+    return (got - expected).abs().max().item()
+
+
+def _cosine(outputs: dict, case: Case, key: str) -> float:
+    mask = case.inputs["attention_mask"]
+    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
+    return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
+
+
+def test_availability(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    hw = probe()
+    assert backend.availability(None, hw).ok
+    assert backend.availability(cases["gpt2"].spec, hw).ok
+    choice = backend.availability(make_spec(BertForMultipleChoice(BertConfig(**BERT))), hw)
+    assert not choice.ok and "multiple-choice" in choice.reason  # optimum-intel has no class
+    ctrl = CTRLModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=16))
+    no_type = backend.availability(make_spec(ctrl), hw)
+    assert not no_type.ok and "'ctrl'" in no_type.reason
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_defaults_match_torch(backend: OpenVinoBackend, cases: dict[str, Case], name: str):
+    case = cases[name]
+    params = backend.defaults(probe())
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    outputs = named_tensors(runner(**case.inputs))
+    assert set(outputs) == set(case.reference)  # e.g. pooler_output for BertModel
+    for key in case.reference:
+        assert _max_diff(outputs, case, key) <= 1e-4, key
+
+
+def test_f32_is_really_f32(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    """OpenVINO defaults to bf16 on CPUs with AVX512-BF16: f32 must be set and read back."""
+    case = cases["bert-cls"]
+    params = {**backend.defaults(probe()), "threads": 1, "pinning": False}
+    assert params["precision"] == "f32"
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    compiled = runner.fn.request
+    assert compiled_precision(runner.fn) == "f32"
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(compiled.get_property("PERFORMANCE_HINT")).endswith("LATENCY")
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+@pytest.mark.skipif(not probe().native_bf16, reason="no native bf16 on this CPU")
+def test_bf16_candidate_compiles_in_bf16(backend: OpenVinoBackend, cases: dict[str, Case]):
+    case = cases["gpt2"]
+    params = {**backend.defaults(probe()), "precision": "bf16"}
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    assert compiled_precision(runner.fn) == "bf16"
+    outputs = named_tensors(runner(**case.inputs))
+    assert _cosine(outputs, case, "logits") > 0.99
+
+
+def test_config_values_are_strings() -> None:
+    config = ov_config(
+        {"hint": "THROUGHPUT", "precision": "f32", "threads": 2, "streams": 2, "pinning": True}
+    )
+    assert config == {
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": "2",
+        "NUM_STREAMS": "2",
+        "ENABLE_CPU_PINNING": "YES",
+    }
+
+
+@needs_nncf
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_int8_weights_stay_close(backend: OpenVinoBackend, cases: dict[str, Case], name: str):
+    case = cases[name]
+    params = {**backend.defaults(probe()), "weights": "int8"}
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.path.name == "int8"
+    bin_files = {p.name: p.stat().st_size for p in built.path.glob("*.bin")}
+    fp32_files = {p.name: p.stat().st_size for p in (built.path.parent / "fp32").glob("*.bin")}
+    assert sum(bin_files.values()) < sum(fp32_files.values())  # weights really compressed
+    outputs = named_tensors(backend.bind(built, params)(**case.inputs))
+    for key in case.reference:
+        assert _cosine(outputs, case, key) > 0.99, key
+
+
+def test_second_build_reuses_the_export(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    case = cases["bert-cls"]
+    params = backend.defaults(probe())
+    first = backend.build(case.spec, params, case.ctx)
+    before = (first.path / "openvino_model.bin").stat()
+    fresh = dataclasses.replace(case.ctx, notes={})
+    other = {**params, "hint": "THROUGHPUT", "streams": 2, "threads": 1}
+    assert backend.build_key(other) == backend.build_key(params)
+    second = backend.build(case.spec, other, fresh)
+    after = (second.path / "openvino_model.bin").stat()
+    assert second.path == first.path
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert "openvino.build_seconds" not in fresh.notes
+    assert first.path.parent.parent.name.startswith("openvino-")
+
+
+def test_deleted_variant_is_rebuilt(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    case = cases["bert"]
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, case.ctx)
+    shutil.rmtree(built.path)
+    ctx = dataclasses.replace(case.ctx, notes={})
+    rebuilt = backend.build(case.spec, params, ctx)
+    assert common.is_complete(rebuilt.path)
+    assert "fp32" in ctx.notes["openvino.build_seconds"]
+    outputs = named_tensors(backend.bind(rebuilt, params)(**case.inputs))
+    for key in case.reference:
+        assert _max_diff(outputs, case, key) <= 1e-4, key
+
+
+def test_generate_works(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    case = cases["gpt2"]
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.with_past
+    model = backend.bind(built, params).fn
+    prompt = case.inputs["input_ids"][:1]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_suggest_defines_the_space(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    hw = probe()
+    spec = cases["bert"].spec
+    trial = optuna.create_study().ask()
+    params = backend.suggest(trial, spec, hw)
+    assert set(params) == set(backend.defaults(hw))
+    assert all(name.startswith("openvino.") for name in trial.params)
+    if params["hint"] == "LATENCY":
+        assert params["streams"] == 1 and "openvino.streams" not in trial.params
+    no_bf16 = dataclasses.replace(hw, flags=())
+    for _ in range(3):
+        trial = optuna.create_study().ask()
+        assert backend.suggest(trial, spec, no_bf16)["precision"] == "f32"
+        assert trial.distributions["openvino.precision"].choices == ("f32",)
+
+
+def test_unknown_weights_are_refused(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
+    case = cases["bert"]
+    with pytest.raises(Exception, match="weights"):
+        backend.build(case.spec, {**backend.defaults(probe()), "weights": "int4"}, case.ctx)
+
+
+def test_artifacts_live_under_the_context_dir(cases: dict[str, Case]) -> None:
+    case = cases["bert"]
+    root = common.model_root(case.ctx, "openvino", case.spec, OpenVinoBackend.artifact_dists)
+    assert Path(case.ctx.artifact_dir) in root.parents
+
+
+def test_inputs_torch_defaults_are_filled(backend: OpenVinoBackend, cases: dict[str, Case]):
+    """torch defaults attention_mask and token_type_ids; the exported graph needs them."""
+    case = cases["bert-cls"]
+    params = backend.defaults(probe())
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    ids = case.inputs["input_ids"]
+    with torch.inference_mode():
+        expected = case.spec.model(input_ids=ids).logits
+    assert (runner(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
+
+
+def _int8_constants(folder: Path) -> int:
+    import openvino as ov
+
+    model = ov.Core().read_model(folder / "openvino_model.xml")
+    int8 = {ov.Type.i8, ov.Type.u8}
+    return sum(
+        op.get_type_name() == "Constant" and op.get_element_type() in int8 for op in model.get_ops()
+    )
+
+
+@needs_nncf
+def test_export_stays_fp32_above_the_size_threshold(
+    backend: OpenVinoBackend, cases: dict[str, Case], tmp_path: Path, monkeypatch
+) -> None:
+    """The exporter int8-compresses models >= 1B parameters when nncf is installed; with the
+    threshold lowered to 0 every model is "large", and the fp32 export must stay fp32."""
+    import optimum.exporters.openvino.__main__ as exporter
+
+    monkeypatch.setattr(exporter, "_MAX_UNCOMPRESSED_SIZE", 0)
+    case = cases["bert-cls"]
+    ctx = dataclasses.replace(case.ctx, artifact_dir=tmp_path, notes={})
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, ctx)
+    assert _int8_constants(built.path) == 0
+    int8 = backend.build(case.spec, {**params, "weights": "int8"}, ctx)
+    assert _int8_constants(int8.path) > 0
