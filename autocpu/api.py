@@ -13,6 +13,7 @@ import torch
 
 from autocpu.accuracy import Tolerance
 from autocpu.backends import Backend, BuildContext, all_backends, get_backend
+from autocpu.backends.base import quiet_build_logs
 from autocpu.errors import AutocpuError
 from autocpu.hardware import CpuInfo, probe
 from autocpu.inputs import Batch, normalize_inputs, signature
@@ -209,7 +210,8 @@ def build_tuned(
     """Rebuild a plan's winner for ``spec`` (no search, no measurement)."""
     backend = get_backend(plan.backend)
     ctx = BuildContext(probe(), batches, plans.artifacts_dir(spec.fingerprint_id))
-    runner = backend.bind(backend.build(spec, plan.params, ctx), plan.params)
+    with quiet_build_logs():
+        runner = backend.bind(backend.build(spec, plan.params, ctx), plan.params)
     return wrap(spec.model, runner, plan, from_cache=from_cache)
 
 

@@ -19,7 +19,7 @@ from autocpu.errors import AutocpuError
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=False)  # "autocpu[onnxruntime]" is text
 
 
 # probe ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ _TASK_BY_SUFFIX = (
 )
 
 #: Config keys that do not change what the model computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation_autoset"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "_attn_implementation_autoset",
+    "architectures",  # save_pretrained() fills it in; the class name is fingerprinted anyway
+    "torch_dtype",
+    "dtype",  # the weights hash covers dtypes
+}
 
 
 def task_for_class_name(class_name: str) -> str | None:
@@ -81,8 +88,6 @@ class ModelSpec:
     model: torch.nn.Module
     task: str
     fingerprint: dict[str, str]
-    source_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -98,13 +103,12 @@ class ModelSpec:
         return self.task == "text-generation"
 
     def saved_copy(self, root: Path) -> Path:
-        """A directory holding this model (``save_pretrained``), made once and reused.
+        """A directory holding exactly these weights (``save_pretrained``), made once.
 
-        Exporters and worker processes load models from disk. A model loaded from a directory
-        already has one; otherwise the copy goes under ``root``, keyed by the fingerprint.
+        Exporters and worker processes load models from disk. The folder the model was loaded
+        from is not used: the model in memory may differ from it (a freshly initialised head,
+        in-memory fine-tuning), so the copy is keyed by the fingerprint, weights included.
         """
-        if self.source_dir is not None and (self.source_dir / "config.json").exists():
-            return self.source_dir
         target = root / f"model-{self.fingerprint_id}"
         if (target / "config.json").exists():
             return target
@@ -116,7 +120,11 @@ class ModelSpec:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             self.model.save_pretrained(tmp)
-            Path(tmp).rename(target)
+            try:
+                Path(tmp).rename(target)
+            except OSError:  # another process saved the same weights first
+                if not (target / "config.json").exists():
+                    raise
         return target
 
 
@@ -128,13 +136,8 @@ def make_spec(model: Any, task: str | None = None) -> ModelSpec:
             "pass the model object, e.g. AutoModel.from_pretrained(path)",
         )
     model.eval()
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    source_dir = Path(source) if source and Path(source).is_dir() else None
     return ModelSpec(
-        model=model,
-        task=task or infer_task(model),
-        fingerprint=model_fingerprint(model),
-        source_dir=source_dir,
+        model=model, task=task or infer_task(model), fingerprint=model_fingerprint(model)
     )
 
 

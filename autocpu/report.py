@@ -13,7 +13,7 @@ from autocpu.plans import Plan
 
 def render(table: Table, width: int = 160) -> str:
     buffer = io.StringIO()
-    Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
+    Console(file=buffer, width=width, no_color=True, highlight=False, markup=False).print(table)
     return buffer.getvalue()
 
 

@@ -19,6 +19,7 @@ import torch
 
 from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
 from autocpu.backends import Backend, BuildContext, Runner, get_backend
+from autocpu.backends.base import quiet_build_logs
 from autocpu.hardware import CpuInfo
 from autocpu.inputs import Batch, at_sequence_length, second_length
 from autocpu.measure import LatencyStats, interleaved, measure
@@ -105,14 +106,16 @@ class TrialRunner:
         if key in self._builds:
             self._builds.move_to_end(key)
             built, _ = self._builds[key]
-            return backend.bind(built, params), 0.0
+            with quiet_build_logs():
+                return backend.bind(built, params), 0.0
         started = time.perf_counter()
-        built = backend.build(self.spec, params, self.ctx)
-        build_s = time.perf_counter() - started
-        self._builds[key] = (built, build_s)
-        while len(self._builds) > BUILD_CACHE_SIZE:
-            self._builds.popitem(last=False)
-        return backend.bind(built, params), build_s
+        with quiet_build_logs():
+            built = backend.build(self.spec, params, self.ctx)
+            build_s = time.perf_counter() - started
+            self._builds[key] = (built, build_s)
+            while len(self._builds) > BUILD_CACHE_SIZE:
+                self._builds.popitem(last=False)
+            return backend.bind(built, params), build_s
 
     def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord:
         backend = get_backend(record.backend)

@@ -8,10 +8,13 @@ to bind runtime knobs such as threads to a built candidate (``bind``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import shutil
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -143,6 +146,29 @@ class Backend(ABC):
             except importlib.metadata.PackageNotFoundError:
                 continue
         return found
+
+
+#: Loggers of the stacks backends drive; their build-time chatter ("consider pre-processing
+#: before quantization", "could not infer whether the model was already converted") is noise.
+_NOISY_LOGGERS = ("", "optimum", "transformers", "nncf", "torch.onnx", "onnxruntime")
+
+
+@contextlib.contextmanager
+def quiet_build_logs() -> Iterator[None]:
+    """Silence third-party INFO/WARNING logs and tracer warnings while building a candidate."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def have_cxx_compiler() -> bool:
