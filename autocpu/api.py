@@ -9,23 +9,38 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
+import psutil
 import torch
 
 from autocpu.accuracy import Tolerance
 from autocpu.backends import Backend, BuildContext, all_backends, get_backend
 from autocpu.backends.base import quiet_build_logs
+from autocpu.canary import check_canary, save_canary
 from autocpu.errors import AutocpuError
 from autocpu.hardware import CpuInfo, probe
 from autocpu.inputs import Batch, normalize_inputs, signature
+from autocpu.isolation import IsolatedExecutor, WorkerJob
 from autocpu.models import ModelSpec, make_spec
-from autocpu.plans import Plan, PlanCache, current_versions, plan_key
-from autocpu.search import ProgressCallback, Search, SearchResult, TrialRecord, TrialRunner
+from autocpu.outputs import named_tensors
+from autocpu.plans import Plan, PlanCache, current_versions, plan_key, versions_id
+from autocpu.search import (
+    Executor,
+    ProgressCallback,
+    Search,
+    SearchResult,
+    TrialRecord,
+    TrialRunner,
+    one_line,
+)
+from autocpu.storage import open_study
 from autocpu.tuned import TunedModel, wrap
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 20
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TRIAL_TIMEOUT_S = 900.0
 
 
 class AutocpuWarning(UserWarning):
@@ -136,18 +151,25 @@ def tune(
     cache_dir: str | Path | None = None,
     task: str | None = None,
     progress: ProgressCallback | None = None,
+    isolation: str = "process",
+    storage: str | None = None,
+    trial_timeout: float = DEFAULT_TRIAL_TIMEOUT_S,
+    memory_limit_gb: float | None = None,
 ) -> TunedModel:
     """Find the fastest way to run ``model`` on this CPU within ``tolerance``.
 
     ``example_inputs``: one batch (dict of tensors or a tokenizer's BatchEncoding) or a list of
     batches; latency is one pass over all of them. A matching cached plan is reused without
     searching. Returns a drop-in model; ``.plan`` holds the evidence, ``.explain()`` the table.
+
+    ``isolation="process"`` (default) builds and measures every candidate in a worker process,
+    so a backend that crashes, hangs past ``trial_timeout`` or exceeds ``memory_limit_gb`` is a
+    failed trial, not a dead process; ``"none"`` runs them here (faster, no protection). The
+    study lives in ``storage`` (an Optuna URL, e.g. PostgreSQL shared by identical machines) or
+    in a journal file in the cache: an interrupted tune resumes where it stopped.
     """
     tol = Tolerance.parse(tolerance)
-    if n_trials is not None and n_trials < 1:
-        raise AutocpuError(f"n_trials={n_trials} is not positive", "pass n_trials >= 1")
-    if timeout is not None and timeout <= 0:
-        raise AutocpuError(f"timeout={timeout} is not positive", "pass a timeout in seconds > 0")
+    _check_budget(n_trials, timeout, trial_timeout, memory_limit_gb, isolation)
     selected = select_backends(backends)
     spec = make_spec(model, task)
     batches = normalize_inputs(example_inputs)
@@ -164,8 +186,18 @@ def tune(
     eligible, skipped = _eligibility(selected, spec, hw)
     ctx = BuildContext(hw, batches, plans.artifacts_dir(spec.fingerprint_id))
     trial_runner = TrialRunner(spec, batches, references, tol, ctx)
+    executor = _executor(isolation, trial_runner, trial_timeout, memory_limit_gb)
+    versions = current_versions(sorted({p for b in all_backends() for p in b.requires}))
+    study_key = f"{key}-{versions_id(versions)}"
+    study = (
+        open_study(study_key, hw.fingerprint(), plans.root, storage)
+        if cache or storage
+        else open_study_in_memory()
+    )
     result = Search(
-        trial_runner,
+        executor,
+        study,
+        spec,
         eligible,
         hw,
         n_trials=n_trials if n_trials is not None or timeout is not None else DEFAULT_TRIALS,
@@ -175,33 +207,108 @@ def tune(
     plan = _make_plan(
         key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started
     )
+    plan.measured_in = executor.mode
+    plan.study_trials = result.study_trials
     if cache:
+        save_canary(plans.canary_path(key), batches[0], spec.model)
         plans.save(plan)
     runner, _ = trial_runner.runner(get_backend(plan.backend), plan.params)
     return wrap(spec.model, runner, plan, from_cache=False)
 
 
+def _check_budget(
+    n_trials: int | None,
+    timeout: float | None,
+    trial_timeout: float,
+    memory_limit_gb: float | None,
+    isolation: str,
+) -> None:
+    if n_trials is not None and n_trials < 1:
+        raise AutocpuError(f"n_trials={n_trials} is not positive", "pass n_trials >= 1")
+    if timeout is not None and timeout <= 0:
+        raise AutocpuError(f"timeout={timeout} is not positive", "pass a timeout in seconds > 0")
+    if trial_timeout <= 0:
+        raise AutocpuError(
+            f"trial_timeout={trial_timeout} is not positive",
+            "pass a per-trial timeout in seconds > 0",
+        )
+    if memory_limit_gb is not None and memory_limit_gb <= 0:
+        raise AutocpuError(
+            f"memory_limit_gb={memory_limit_gb} is not positive",
+            "pass a limit in GiB > 0, or None for 80% of this machine's memory",
+        )
+    if isolation not in ("process", "none"):
+        raise AutocpuError(
+            f"isolation={isolation!r} is not known",
+            "use 'process' (worker processes) or 'none' (in this process)",
+        )
+
+
+def _executor(
+    isolation: str, trial_runner: TrialRunner, trial_timeout: float, memory_limit_gb: float | None
+) -> Executor:
+    """Worker processes unless asked otherwise or the model cannot be saved for them."""
+    if isolation == "none":
+        return trial_runner
+    spec = trial_runner.spec
+    import transformers
+
+    from autocpu.backends.eager import current_attention
+
+    model_class = type(spec.model).__name__
+    if not hasattr(spec.model, "save_pretrained") or not hasattr(transformers, model_class):
+        warnings.warn(
+            f"{model_class} cannot be saved for worker processes: trials run in this process",
+            AutocpuWarning,
+            stacklevel=3,
+        )
+        return trial_runner
+    job = WorkerJob(
+        model_dir=str(spec.saved_copy(trial_runner.ctx.artifact_dir)),
+        model_class=model_class,
+        attention=current_attention(spec.model),
+        task=spec.task,
+        fingerprint=spec.fingerprint,
+        batches=trial_runner.batches,
+        references=[named_tensors(r) for r in trial_runner.references],
+        tolerance=trial_runner.tolerance,
+        artifact_dir=str(trial_runner.ctx.artifact_dir),
+        default_threads=trial_runner.default_threads,
+    )
+    total = psutil.virtual_memory().total
+    limit = int(memory_limit_gb * 2**30) if memory_limit_gb else int(total * 0.8)
+    return IsolatedExecutor(job, trial_timeout, limit)
+
+
+def open_study_in_memory() -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
+    return optuna.create_study(direction="minimize", sampler=sampler)
+
+
 def _cached_model(
     plans: PlanCache, key: str, spec: ModelSpec, batches: list[Batch], hw: CpuInfo
 ) -> TunedModel | None:
+    """The cached plan's model, if the plan exists, fits here, rebuilds and passes its canary."""
     plan = plans.load(key)
     if plan is None:
         return None
     reason = _why_unusable(plan, hw)
+    tuned = None
+    if reason is None:
+        try:
+            tuned = build_tuned(spec, plan, batches, plans, from_cache=True)
+        except Exception as error:  # a plan that no longer builds is re-tuned, not fatal
+            reason = f"it failed to rebuild ({one_line(error)})"
+    if tuned is not None:
+        report = check_canary(plans.canary_path(key), tuned, Tolerance(**plan.tolerance))
+        if not report.passed:
+            reason = f"it is stale: its canary failed ({'; '.join(report.failures[:2])})"
     if reason is not None:
         warnings.warn(
             f"cached plan {key[:12]} not used: {reason}; re-tuning", AutocpuWarning, stacklevel=3
         )
         return None
-    try:
-        return build_tuned(spec, plan, batches, plans, from_cache=True)
-    except Exception as error:  # a plan that no longer builds is re-tuned, not fatal
-        warnings.warn(
-            f"cached plan {key[:12]} failed to rebuild ({error}); re-tuning",
-            AutocpuWarning,
-            stacklevel=3,
-        )
-        return None
+    return tuned
 
 
 def build_tuned(

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from autocpu.errors import AutocpuError
@@ -19,7 +18,8 @@ from autocpu.errors import AutocpuError
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, markup=False)  # "autocpu[onnxruntime]" is text
+    # markup off: "autocpu[onnxruntime]" is text; soft_wrap: long lines are not cut at 80 columns
+    return Console(stderr=stderr, highlight=False, markup=False, soft_wrap=True)
 
 
 # probe ------------------------------------------------------------------------------------------
@@ -104,23 +104,69 @@ def _yes(flag: bool) -> str:
 # tune -------------------------------------------------------------------------------------------
 
 
-def _trial_printer(console: Any, quiet: bool) -> Callable[[Any, float | None], None]:
-    count = {"n": 0}
+class TuneProgress:
+    """Live progress for ``autocpu tune``: a bar (trial n of N, current candidate, best speedup,
+    failures) and one line per finished trial above it."""
 
-    def report(record: Any, best_ms: float | None) -> None:
-        if quiet or record.status == "pending":
-            return
-        count["n"] += 1
-        from autocpu.report import format_params
-
-        latency = f"{record.median_ms:8.2f} ms" if record.latency else "       - ms"
-        note = f"  {record.reason}" if record.reason else ""
-        console.print(
-            f"trial {count['n']:>3} {record.backend:<13} {latency}  {record.status:<10} "
-            f"best {best_ms:.2f} ms  {format_params(record.params)}{note}"
+    def __init__(self, console: Any, quiet: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
         )
 
-    return report
+        self.quiet = quiet
+        self.console = console
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            transient=True,
+            disable=quiet,
+        )
+        self.task = self.bar.add_task("baseline", total=None, status="")
+
+    def __enter__(self) -> TuneProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: Any) -> None:
+        from autocpu.report import format_params
+
+        record = event.record
+        status = f"best {event.best_speedup:.2f}x, {event.failures} failed"
+        if event.started:
+            what = f"{record.backend} {format_params(record.params)}"
+            self.bar.update(self.task, description=what[:60], total=event.total, status=status)
+            return
+        self.bar.update(self.task, completed=event.finished, status=status)
+        if self.quiet:
+            return
+        latency = f"{record.median_ms:8.2f} ms" if record.latency else "       - ms"
+        note = f"  {record.reason}" if record.reason else ""
+        self.console.print(
+            f"trial {event.finished:>3} {record.backend:<13} {latency}  {record.status:<10} "
+            f"{format_params(record.params)}{note}"
+        )
+
+
+def _verbose_logging() -> None:
+    """--verbose: autocpu's own log (trials, decisions, debug tracebacks) on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("autocpu")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -129,6 +175,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from autocpu.models import load_model_dir
 
     console = _console(stderr=args.json)  # with --json, stdout holds the JSON alone
+    if args.verbose:
+        _verbose_logging()
     model = load_model_dir(args.model_dir, args.task)
     inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
@@ -137,25 +185,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"tuning {type(model).__name__} from {args.model_dir} on inputs "
             f"{ {k: tuple(v.shape) for k, v in inputs.items()} }"
         )
-    tuned = tune(
-        model,
-        inputs,
-        tolerance=args.tolerance,
-        n_trials=args.trials,
-        timeout=args.timeout,
-        backends=backends,
-        cache=not args.no_cache,
-        cache_dir=args.cache_dir,
-        task=args.task,
-        progress=_trial_printer(console, args.quiet),
-    )
+    with TuneProgress(console, args.quiet) as progress:
+        tuned = tune(
+            model,
+            inputs,
+            tolerance=args.tolerance,
+            n_trials=args.trials,
+            timeout=args.timeout,
+            backends=backends,
+            cache=not args.no_cache,
+            cache_dir=args.cache_dir,
+            task=args.task,
+            progress=progress,
+            isolation=args.isolation,
+            storage=args.storage,
+            trial_timeout=args.trial_timeout,
+            memory_limit_gb=args.memory_limit_gb,
+        )
     plan = tuned.plan
     if args.json:
         print(plan.to_json())
         return 0
     if tuned.from_cache:
         console.print(f"cached plan {plan.key[:12]} reused: no trial ran")
-    console.print(tuned.explain())
+    print(tuned.explain())  # already rendered at its own width: no re-wrapping
     console.print(
         f"plan {plan.key[:12]}: {plan.backend} {plan.params} -> {plan.speedup:.2f}x "
         f"(IQR {plan.speedup_iqr[0]:.2f}-{plan.speedup_iqr[1]:.2f}) vs fp32 eager, "
@@ -190,6 +243,37 @@ def cmd_plans(args: argparse.Namespace) -> int:
         print(plan.to_json() if args.json else explain_table(plan))
     elif args.action == "rm":
         print(f"removed {cache.remove(plan.key)}")
+    elif args.action == "verify":
+        return _verify(cache, plan, args.model)
+    return 0
+
+
+def _verify(cache: Any, plan: Any, model_dir: str | None) -> int:
+    """Rebuild the plan for the model and run its canary: 0 when it still holds, 1 if stale."""
+    from autocpu.accuracy import Tolerance
+    from autocpu.api import apply_plan
+    from autocpu.canary import check_canary
+    from autocpu.models import load_model_dir
+
+    if not model_dir:
+        raise AutocpuError(
+            "'plans verify' needs the model the plan was tuned for", "pass --model MODEL_DIR"
+        )
+    tuned = apply_plan(load_model_dir(model_dir, plan.task), plan, cache_dir=cache.root)
+    report = check_canary(cache.canary_path(plan.key), tuned, Tolerance(**plan.tolerance))
+    verdict = "holds" if report.passed else "STALE: " + "; ".join(report.failures[:3])
+    print(
+        f"plan {plan.key[:12]} ({plan.backend}): {verdict} "
+        f"(rel diff {report.max_rel:.1e}, cosine {report.min_cosine:.6f})"
+    )
+    return 0 if report.passed else 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from autocpu.plans import PlanCache
+    from autocpu.report import explain_table
+
+    print(explain_table(PlanCache(args.cache_dir).find(args.key)))
     return 0
 
 
@@ -230,16 +314,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="ignore and do not write cached plans"
     )
     tune.add_argument("--cache-dir", default=None, help="default: $AUTOCPU_CACHE_DIR or user cache")
-    tune.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    tune.add_argument(
+        "--isolation",
+        choices=["process", "none"],
+        default="process",
+        help="run each trial in a worker process (default) or in this one",
+    )
+    tune.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL for the study, e.g. postgresql://user:pw@host/db "
+        "(default: a journal file in the cache; an interrupted tune resumes)",
+    )
+    tune.add_argument("--trial-timeout", type=float, default=900.0, help="seconds per trial")
+    tune.add_argument(
+        "--memory-limit-gb", type=float, default=None, help="per trial (default: 80%% of RAM)"
+    )
+    verbosity = tune.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", action="store_true", help="no progress, only the result")
+    verbosity.add_argument("--verbose", action="store_true", help="also autocpu's debug log")
     tune.add_argument("--json", action="store_true", help="print the plan as JSON")
     tune.set_defaults(func=cmd_tune)
 
-    plans = sub.add_parser("plans", help="list, show or remove cached plans")
-    plans.add_argument("action", choices=["list", "show", "rm"])
+    plans = sub.add_parser("plans", help="list, show, verify or remove cached plans")
+    plans.add_argument("action", choices=["list", "show", "verify", "rm"])
     plans.add_argument("key", nargs="?", help="plan key or unique prefix (see 'plans list')")
     plans.add_argument("--json", action="store_true")
+    plans.add_argument("--model", default=None, help="verify: the model directory")
     plans.add_argument("--cache-dir", default=None)
     plans.set_defaults(func=cmd_plans)
+
+    explain = sub.add_parser("explain", help="every candidate a plan's search tried, and why")
+    explain.add_argument("key", help="plan key or unique prefix (see 'plans list')")
+    explain.add_argument("--cache-dir", default=None)
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -109,6 +109,15 @@ class Comparison:
     speedup_iqr: dict[str, tuple[float, float]]
     rounds: int
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Comparison:
+        return cls(
+            stats={k: LatencyStats(**v) for k, v in data["stats"].items()},
+            speedup=dict(data["speedup"]),
+            speedup_iqr={k: (v[0], v[1]) for k, v in data["speedup_iqr"].items()},
+            rounds=data["rounds"],
+        )
+
     def to_dict(self) -> dict:
         return {
             "stats": {k: v.to_dict() for k, v in self.stats.items()},

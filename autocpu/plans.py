@@ -91,6 +91,7 @@ class Plan:
     decision: str = ""
     trials: list[dict[str, Any]] = field(default_factory=list)
     tune_seconds: float = 0.0
+    study_trials: int = 0
     measured_in: str = "in-process"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: int = PLAN_FORMAT
@@ -136,6 +137,12 @@ def current_versions(extra_packages: list[str] | tuple[str, ...] = ()) -> dict[s
     return versions
 
 
+def versions_id(versions: dict[str, str]) -> str:
+    """Short hash of package versions: a study resumes only under the same versions."""
+    raw = json.dumps(versions, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:8]
+
+
 class PlanCache:
     """Plans on disk: ``<root>/plans/<key>.json``; corrupt files go to ``<root>/corrupt``."""
 
@@ -151,6 +158,10 @@ class PlanCache:
 
     def path(self, key: str) -> Path:
         return self.plans_dir / f"{key}.json"
+
+    def canary_path(self, key: str) -> Path:
+        """The plan's probe input and reference outputs (see autocpu.canary)."""
+        return self.plans_dir / f"{key}.canary.pt"
 
     def _lock(self, path: Path) -> FileLock:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,7 @@ class PlanCache:
         path = self.path(key)
         with self._lock(path):
             path.unlink()
+            self.canary_path(key).unlink(missing_ok=True)
         return path
 
 

@@ -30,9 +30,9 @@ def _accuracy_cell(accuracy: dict[str, Any] | None) -> str:
     return cell
 
 
-def _outcome(trial: dict[str, Any], is_winner: bool, baseline_ms: float) -> str:
+def _outcome(trial: dict[str, Any], is_winner: bool, baseline_ms: float, decision: str) -> str:
     if is_winner:
-        return "WINNER"
+        return f"WINNER: {decision}"
     status = trial["status"]
     if status == "ok":
         if trial.get("reason") == "baseline":
@@ -51,11 +51,18 @@ def _is_winner(plan: Plan, trial: dict[str, Any]) -> bool:
 def explain_table(plan: Plan) -> str:
     """Every candidate tried, the winner first, with the decision as a caption."""
     baseline_ms = plan.baseline.get("median_ms", float("nan"))
-    table = Table(title=f"autocpu plan {plan.key[:12]}", caption=plan.decision, show_lines=False)
+    tol = plan.tolerance
+    caption = (
+        f"tolerance {tol.get('name', 'custom')}: relative diff <= {tol.get('max_rel')}, cosine >= "
+        f"{tol.get('min_cosine')}, argmax >= {tol.get('min_argmax')}; speedups measured "
+        f"interleaved against the baseline, ~ marks a separate measurement; {plan.measured_in}"
+    )
+    table = Table(title=f"autocpu plan {plan.key[:12]}", caption=caption, show_lines=False)
     for column in (
         "backend",
         "settings",
         "median ms",
+        "IQR ms",
         "p90 ms",
         "speedup",
         "accuracy",
@@ -78,11 +85,12 @@ def explain_table(plan: Plan) -> str:
             trial["backend"],
             format_params(trial["params"]),
             f"{median:.2f}" if median else "-",
+            f"{latency['iqr_ms']:.2f}" if latency else "-",
             f"{latency['p90_ms']:.2f}" if latency else "-",
             speedup,
             _accuracy_cell(trial.get("accuracy")),
             f"{one_time:.1f}" if trial.get("build_s") is not None else "-",
-            _outcome(trial, _is_winner(plan, trial), baseline_ms),
+            _outcome(trial, _is_winner(plan, trial), baseline_ms, plan.decision),
         )
     return render(table)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -22,7 +24,7 @@ from autocpu.backends import Backend, BuildContext, Runner, get_backend
 from autocpu.backends.base import quiet_build_logs
 from autocpu.hardware import CpuInfo
 from autocpu.inputs import Batch, at_sequence_length, second_length
-from autocpu.measure import LatencyStats, interleaved, measure
+from autocpu.measure import Comparison, LatencyStats, interleaved, measure
 from autocpu.models import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class TrialRecord:
     first_call_s: float | None = None
     reason: str = ""
     speedup: float | None = None
+    worker: str = ""
 
     @property
     def median_ms(self) -> float:
@@ -77,7 +80,7 @@ def workload(runner: Callable[..., Any], batches: list[Batch]) -> Callable[[], l
 
 
 class TrialRunner:
-    """Build, check and measure one candidate.
+    """Build, check and measure candidates in this process (an :class:`Executor`).
 
     Holds only the model spec, the inputs and their reference outputs, so it can live in a
     worker process. Builds are cached (LRU) by their non-runtime parameters, so trials that
@@ -98,6 +101,7 @@ class TrialRunner:
         self.tolerance = tolerance
         self.ctx = ctx
         self.default_threads = torch.get_num_threads()
+        self.mode = "in-process"
         self._builds: collections.OrderedDict[tuple, tuple[Any, float]] = collections.OrderedDict()
 
     def runner(self, backend: Backend, params: Mapping[str, Any]) -> tuple[Runner, float]:
@@ -161,6 +165,46 @@ class TrialRunner:
             report.failures.insert(0, f"at sequence length {lengths[0]}")
         return report
 
+    def baseline_runner(self) -> Runner:
+        """The user's model exactly as given, at torch's default thread count."""
+        return Runner(self.spec.model, threads=self.default_threads)
+
+    def finals(
+        self, baseline: TrialRecord, candidates: list[TrialRecord]
+    ) -> tuple[list[TrialRecord], Comparison]:
+        """Check the fastest candidates at a second length (until FINALISTS pass), then
+        re-measure the survivors against the baseline interleaved.
+
+        Returns every candidate checked (failures carry their new status) and the comparison,
+        in which the i-th surviving candidate is labelled ``candidate{i}``.
+        """
+        checked: list[TrialRecord] = []
+        finalists: list[TrialRecord] = []
+        for record in candidates:
+            if len(finalists) == FINALISTS:
+                break
+            checked.append(record)
+            try:
+                report = self.check_second_length(record)
+            except Exception as error:
+                record.status, record.reason = "failed", f"at a second length: {one_line(error)}"
+                continue
+            if report is not None and not report.passed:
+                record.status, record.reason = "inaccurate", "; ".join(report.failures[:3])
+                continue
+            finalists.append(record)
+        workloads = {"baseline": workload(self.baseline_runner(), self.batches)}
+        for index, record in enumerate(finalists):
+            runner, _ = self.runner(get_backend(record.backend), record.params)
+            workloads[f"candidate{index}"] = workload(runner, self.batches)
+        try:
+            comparison = interleaved(workloads, "baseline")
+        finally:
+            torch.set_num_threads(self.default_threads)
+        for index, record in enumerate(finalists):
+            record.speedup = comparison.speedup[f"candidate{index}"]
+        return checked, comparison
+
 
 @dataclass
 class SearchResult:
@@ -171,139 +215,197 @@ class SearchResult:
     speedup_iqr: tuple[float, float]
     decision: str
     records: list[TrialRecord] = field(default_factory=list)
+    study_trials: int = 0
 
 
-ProgressCallback = Callable[[TrialRecord, float | None], None]
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What a progress display needs: sent when a trial starts and when it ends."""
+
+    record: TrialRecord
+    started: bool  # True: the trial is about to run; False: it finished (see record.status)
+    finished: int  # trials finished in the study so far (resumed and other machines' included)
+    total: int | None  # the trial budget, None when only a timeout bounds the search
+    failures: int
+    baseline_ms: float
+    best_ms: float
+
+    @property
+    def best_speedup(self) -> float:
+        return self.baseline_ms / self.best_ms if self.best_ms > 0 else 1.0
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class Executor(Protocol):
+    """Where trials run: in this process (TrialRunner itself) or in worker processes."""
+
+    mode: str
+
+    def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord: ...
+
+    def finals(
+        self, baseline: TrialRecord, candidates: list[TrialRecord]
+    ) -> tuple[list[TrialRecord], Comparison]: ...
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Search:
-    """Optuna study over the eligible backends, then the finalists' interleaved re-measure."""
+    """An Optuna study over the eligible backends, then the finalists' interleaved re-measure.
+
+    The study may already hold trials (a resumed tune, or other machines sharing a storage):
+    finished trials are reused, never repeated, and all of them end up in the plan.
+    """
 
     def __init__(
         self,
-        trial_runner: TrialRunner,
+        executor: Executor,
+        study: optuna.Study,
+        spec: ModelSpec,
         backends: list[Backend],
         hw: CpuInfo,
         *,
         n_trials: int | None,
         timeout: float | None,
         progress: ProgressCallback | None = None,
-        seed: int = 0,
     ) -> None:
-        self.trials = trial_runner
+        self.executor = executor
+        self.study = study
+        self.spec = spec
         self.backends = {b.name: b for b in backends}
         self.hw = hw
         self.n_trials = n_trials
         self.timeout = timeout
         self.progress = progress
-        self.seed = seed
-        self.records: list[TrialRecord] = []
-        self._seen: dict[tuple, TrialRecord] = {}
         self.best_ms = float("inf")
+        self.baseline_ms = float("inf")
 
     def baseline_record(self) -> TrialRecord:
         """The user's model exactly as given (fp32, its attention, torch's default threads)."""
         from autocpu.backends.eager import current_attention
 
-        attention = current_attention(self.trials.spec.model)
-        return TrialRecord("eager", {"attention": attention, "precision": "fp32"}, status="ok")
+        attention = current_attention(self.spec.model)
+        return TrialRecord("eager", {"attention": attention, "precision": "fp32"})
 
     def run(self) -> SearchResult:
-        baseline = self.baseline_record()
-        baseline_runner = Runner(self.trials.spec.model, threads=self.trials.default_threads)
-        stats = measure(workload(baseline_runner, self.trials.batches))
-        baseline.latency = stats.to_dict()
-        baseline.accuracy = AccuracyReport().to_dict()  # it is the reference
+        baseline = self.executor.run(self.baseline_record())
+        if baseline.status != "ok":
+            raise RuntimeError(f"measuring the model as given failed: {baseline.reason}")
         baseline.reason = "baseline"
-        self.best_ms = stats.median_ms
+        self.best_ms = self.baseline_ms = baseline.median_ms
+        log.info("baseline (the model as given): %.2f ms", baseline.median_ms)
         self._run_study()
-        return self._finish(baseline, baseline_runner)
+        return self._finish(baseline)
 
     # Study ----------------------------------------------------------------------------------
+
+    def records(self) -> list[TrialRecord]:
+        """Every distinct candidate the study measured, from any process or earlier run."""
+        found: dict[tuple, TrialRecord] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            data = trial.user_attrs.get("record")
+            if data and "repeat_of" not in trial.user_attrs:
+                record = TrialRecord.from_dict(data)
+                found.setdefault(record.identity, record)
+        return list(found.values())
+
+    def _finished(self) -> int:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        return len(self.study.get_trials(deepcopy=False, states=states))
 
     def _run_study(self) -> None:
         if not self.backends:
             return
+        for backend in self.backends.values():
+            defaults = backend.defaults(self.hw)
+            self.study.enqueue_trial(
+                {"backend": backend.name, **{backend.key(k): v for k, v in defaults.items()}},
+                skip_if_exists=True,
+            )
+        remaining = None if self.n_trials is None else self.n_trials - self._finished()
+        if remaining is not None and remaining <= 0:
+            return  # a resumed tune whose trials all finished before the interruption
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        callbacks = [optuna.study.MaxTrialsCallback(self.n_trials, states)] if self.n_trials else []
+        ok = [r for r in self.records() if r.status == "ok"]
+        self.best_ms = min([self.best_ms, *(r.median_ms for r in ok)])
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are recorded, not logged
         try:
-            sampler = optuna.samplers.TPESampler(
-                seed=self.seed, n_startup_trials=len(self.backends)
-            )
-            study = optuna.create_study(direction="minimize", sampler=sampler)
-            for backend in self.backends.values():
-                defaults = backend.defaults(self.hw)
-                study.enqueue_trial(
-                    {"backend": backend.name, **{backend.key(k): v for k, v in defaults.items()}}
-                )
-            study.optimize(
+            self.study.optimize(
                 self._objective,
-                n_trials=self.n_trials,
+                n_trials=remaining,
                 timeout=self.timeout,
                 catch=(RuntimeError,),
+                callbacks=callbacks,
                 gc_after_trial=True,
             )
         finally:
             optuna.logging.set_verbosity(verbosity)
 
     def _objective(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_id())
         name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.trials.spec, self.hw)
+        params = self.backends[name].suggest(trial, self.spec, self.hw)
         record = TrialRecord(name, params, number=trial.number)
-        seen = self._seen.get(record.identity)
+        seen = next((r for r in self.records() if r.identity == record.identity), None)
         if seen is not None:
             trial.set_user_attr("repeat_of", seen.number)
             record = seen
         else:
-            give_up = self.best_ms * GIVE_UP_FACTOR
-            record = self.trials.run(record, give_up_above_ms=give_up)
-            self._seen[record.identity] = record
-            self.records.append(record)
+            self._report(record, started=True)
+            record = self.executor.run(record, give_up_above_ms=self.best_ms * GIVE_UP_FACTOR)
+            record.worker = worker_id()
             if record.status == "ok":
                 self.best_ms = min(self.best_ms, record.median_ms)
-            if self.progress:
-                self.progress(record, self.best_ms)
+            log.info(
+                "trial %s %s: %s %s",
+                record.backend,
+                record.params,
+                record.status,
+                f"{record.median_ms:.2f} ms" if record.latency else record.reason,
+            )
+            self._report(record, started=False)
+        trial.set_user_attr("record", record.to_dict())
         trial.set_constraint("accuracy", 0.0 if record.status == "ok" else 1.0)
         if record.status == "failed":
             raise RuntimeError(record.reason)
         return record.median_ms if record.status == "ok" else 1e12
 
+    def _report(self, record: TrialRecord, started: bool) -> None:
+        if self.progress is None:
+            return
+        failed = [r for r in self.records() if r.status == "failed"]
+        self.progress(
+            ProgressEvent(
+                record=record,
+                started=started,
+                finished=self._finished() + (0 if started else 1),
+                total=self.n_trials,
+                failures=len(failed) + (record.status == "failed" and not started),
+                baseline_ms=self.baseline_ms,
+                best_ms=self.best_ms,
+            )
+        )
+
     # Finalists ------------------------------------------------------------------------------
 
-    def _finalists(self) -> list[TrialRecord]:
-        feasible = sorted((r for r in self.records if r.status == "ok"), key=lambda r: r.median_ms)
-        finalists = []
-        for record in feasible:
-            if len(finalists) == FINALISTS:
-                break
-            try:
-                report = self.trials.check_second_length(record)
-            except Exception as error:
-                record.status, record.reason = "failed", f"at a second length: {one_line(error)}"
-                continue
-            if report is not None and not report.passed:
-                record.status = "inaccurate"
-                record.reason = "; ".join(report.failures[:3])
-                continue
-            finalists.append(record)
-        return finalists
-
-    def _finish(self, baseline: TrialRecord, baseline_runner: Runner) -> SearchResult:
-        finalists = self._finalists()
+    def _finish(self, baseline: TrialRecord) -> SearchResult:
+        records = self.records()
+        feasible = sorted((r for r in records if r.status == "ok"), key=lambda r: r.median_ms)
+        checked, comparison = self.executor.finals(baseline, feasible)
+        updated = {r.identity: r for r in checked}  # second-length verdicts and speedups
+        finalists = [r for r in checked if r.status == "ok"]
         names = {f"candidate{i}": record for i, record in enumerate(finalists)}
-        workloads = {"baseline": workload(baseline_runner, self.trials.batches)}
-        for label, record in names.items():
-            runner, _ = self.trials.runner(self.backends[record.backend], record.params)
-            workloads[label] = workload(runner, self.trials.batches)
-        try:
-            comparison = interleaved(workloads, "baseline")
-        finally:
-            torch.set_num_threads(self.trials.default_threads)
-        for label, record in names.items():
-            record.speedup = comparison.speedup[label]
         winner_label, decision = self._decide(names, comparison.speedup, comparison.speedup_iqr)
         winner = names.get(winner_label, baseline)
+        log.info("decision: %s", decision)
         baseline.speedup = 1.0
+        merged = [updated.get(r.identity, r) for r in records]
         return SearchResult(
             winner=winner,
             baseline=comparison.stats["baseline"],
@@ -311,7 +413,8 @@ class Search:
             speedup=comparison.speedup[winner_label],
             speedup_iqr=comparison.speedup_iqr[winner_label],
             decision=decision,
-            records=[baseline, *self.records],
+            records=[baseline, *merged],
+            study_trials=self._finished(),
         )
 
     def _decide(

@@ -63,6 +63,12 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
     assert plan["key"][:12] in listed.stdout
     shown = run_cli("plans", "show", plan["key"][:6], cache=cache_dir)
     assert shown.returncode == 0 and plan["backend"] in shown.stdout
+    explained = run_cli("explain", plan["key"][:6], cache=cache_dir)
+    assert explained.returncode == 0 and "WINNER: " in explained.stdout
+    verified = run_cli(
+        "plans", "verify", plan["key"][:6], "--model", str(model_dir), cache=cache_dir
+    )
+    assert verified.returncode == 0 and "holds" in verified.stdout, verified.stderr
     removed = run_cli("plans", "rm", plan["key"][:6], cache=cache_dir)
     assert removed.returncode == 0 and not (cache_dir / "plans" / f"{plan['key']}.json").exists()
 
@@ -101,6 +107,9 @@ def test_api_bad_inputs_are_clear_errors():
         (lambda: autocpu.tune(model, inputs, backends="eager"), "non-empty list"),
         (lambda: autocpu.tune(model, inputs, tolerance=-1), "bad tolerance"),
         (lambda: autocpu.tune(model, inputs, n_trials=0), "n_trials"),
+        (lambda: autocpu.tune(model, inputs, isolation="thread"), "isolation="),
+        (lambda: autocpu.tune(model, inputs, trial_timeout=0), "trial_timeout"),
+        (lambda: autocpu.tune(model, inputs, storage="nosuch://x"), "cannot open study storage"),
         (lambda: autocpu.tune(model.to(torch.bfloat16), inputs), "not float32"),
         (lambda: autocpu.apply_plan(model, "/no/such/plan.json"), "no plan file"),
     ]
@@ -113,29 +122,31 @@ def test_api_bad_inputs_are_clear_errors():
 
 def test_corrupt_plan_is_moved_aside_and_good_plans_survive(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    good = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
-    other = autocpu.tune(model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"])
+    good = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
+    other = autocpu.tune(
+        model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"], isolation="none"
+    )
     path = PlanCache().path(good.plan.key)
     path.write_text(path.read_text()[:100])  # truncated mid-write by a crash, say
-    retuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    retuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
     assert not retuned.from_cache
     moved = list((cache_dir / "corrupt").glob("*.json"))
     assert len(moved) == 1 and moved[0].read_text().startswith("{")
     assert path.exists()  # re-tuned plan written back
     assert PlanCache().load(other.plan.key) is not None  # the other plan untouched
-    again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
     assert again.from_cache
 
 
 def test_plan_from_other_versions_is_not_used_and_user_is_told(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    tuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+    tuned = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
     path = PlanCache().path(tuned.plan.key)
     data = json.loads(path.read_text())
     data["versions"]["torch"] = "1.0.0"
     path.write_text(json.dumps(data))
     with pytest.warns(autocpu.AutocpuWarning, match=r"torch 1\.0\.0 -> "):
-        again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"])
+        again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
     assert not again.from_cache
 
 

@@ -15,16 +15,25 @@ from autocpu.plans import PlanCache
 FAST = ["eager", "torchscript"]
 
 
+def tune_here(*args, **kwargs):
+    """In-process trials: these tests are about tune()'s results, not about isolation."""
+    return autocpu.tune(*args, isolation="none", **kwargs)
+
+
 def counting_progress():
     calls = []
-    return calls, lambda record, best: calls.append(record)
+    return calls, lambda event: calls.append(event)
 
 
 def test_tune_returns_a_drop_in_model_and_a_complete_plan(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     calls, progress = counting_progress()
-    tuned = autocpu.tune(model, inputs, n_trials=6, backends=FAST, progress=progress)
+    tuned = tune_here(model, inputs, n_trials=6, backends=FAST, progress=progress)
     assert calls, "the search ran trials"
+    starts = [e for e in calls if e.started]
+    ends = [e for e in calls if not e.started]
+    assert len(starts) == len(ends) and [e.finished for e in ends] == list(range(1, len(ends) + 1))
+    assert ends[-1].total == 6 and ends[-1].best_speedup >= 1.0 and ends[-1].failures == 0
     with torch.inference_mode():
         ref = model(**inputs)
     out = tuned(**inputs)
@@ -53,20 +62,20 @@ def test_tune_returns_a_drop_in_model_and_a_complete_plan(cache_dir):
 
 def test_cached_plan_is_reused_without_a_trial(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    first = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    first = tune_here(model, inputs, n_trials=4, backends=FAST)
     calls, progress = counting_progress()
-    second = autocpu.tune(model, inputs, n_trials=4, backends=FAST, progress=progress)
+    second = tune_here(model, inputs, n_trials=4, backends=FAST, progress=progress)
     assert second.from_cache and calls == []
     assert second.plan.key == first.plan.key
     assert compare_outputs(first(**inputs), second(**inputs), Tolerance.strict()).passed
     # Other inputs shapes, weights or tolerance are other plans.
-    other = autocpu.tune(model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"])
+    other = tune_here(model, tiny_inputs("bert", seq=12), n_trials=2, backends=["eager"])
     assert other.plan.key != first.plan.key and not other.from_cache
 
 
 def test_strict_tolerance_never_picks_lossy_precision(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    tuned = autocpu.tune(model, inputs, n_trials=10, backends=["eager"], cache=False)
+    tuned = tune_here(model, inputs, n_trials=10, backends=["eager"], cache=False)
     assert tuned.plan.params.get("precision", "fp32") == "fp32"
     lossy = [t for t in tuned.plan.trials if t["params"].get("precision", "fp32") != "fp32"]
     assert all(t["status"] == "inaccurate" for t in lossy)
@@ -76,7 +85,7 @@ def test_strict_tolerance_never_picks_lossy_precision(cache_dir):
 def test_list_of_batches_of_different_shapes(cache_dir):
     model = tiny_model("distilbert", "AutoModelForSequenceClassification")
     batches = [tiny_inputs("distilbert", batch=1, seq=8), tiny_inputs("distilbert", seq=20)]
-    tuned = autocpu.tune(model, batches, n_trials=4, backends=FAST)
+    tuned = tune_here(model, batches, n_trials=4, backends=FAST)
     assert len(tuned.plan.inputs) == 2
     for batch in [*batches, tiny_inputs("distilbert", batch=3, seq=11)]:
         with torch.inference_mode():
@@ -85,7 +94,7 @@ def test_list_of_batches_of_different_shapes(cache_dir):
 
 def test_gpt2_causal_lm_tunes_and_still_generates(cache_dir):
     model, inputs = tiny_model("gpt2", "AutoModelForCausalLM"), tiny_inputs("gpt2", batch=1)
-    tuned = autocpu.tune(model, inputs, n_trials=6, backends=FAST)
+    tuned = tune_here(model, inputs, n_trials=6, backends=FAST)
     with torch.inference_mode():
         ref = model(**inputs)
     assert compare_outputs(ref, tuned(**inputs), Tolerance.strict()).passed
@@ -105,7 +114,7 @@ def test_tuned_model_works_in_a_pipeline(tmp_path, cache_dir):
     inputs = dict(
         tokenizer(["the model runs fast", "a good plan"], padding=True, return_tensors="pt")
     )
-    tuned = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    tuned = tune_here(model, inputs, n_trials=4, backends=FAST)
     texts = ["the model runs fast on cpu", "bad cache", "a tuned plan"]
     expected = pipeline("text-classification", model=model, tokenizer=tokenizer)(texts)
     got = pipeline("text-classification", model=tuned, tokenizer=tokenizer)(texts)
@@ -115,7 +124,7 @@ def test_tuned_model_works_in_a_pipeline(tmp_path, cache_dir):
 
 def test_apply_plan_to_a_fresh_model_without_searching(cache_dir):
     inputs = tiny_inputs("bert")
-    tuned = autocpu.tune(tiny_model("bert"), inputs, n_trials=4, backends=FAST)
+    tuned = tune_here(tiny_model("bert"), inputs, n_trials=4, backends=FAST)
     fresh = tiny_model("bert")  # same seed: same weights
     applied = autocpu.apply_plan(fresh, tuned.plan.key[:8])
     assert applied.plan.key == tuned.plan.key
@@ -134,7 +143,23 @@ def test_a_crashing_backend_is_recorded_and_the_search_goes_on(cache_dir, monkey
 
     monkeypatch.setattr(TorchScriptBackend, "build", explode)
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    tuned = autocpu.tune(model, inputs, n_trials=4, backends=FAST)
+    tuned = tune_here(model, inputs, n_trials=4, backends=FAST)
     failed = [t for t in tuned.plan.trials if t["status"] == "failed"]
     assert failed and all("native crash stand-in" in t["reason"] for t in failed)
     assert tuned.plan.backend == "eager"
+
+
+def test_a_plan_whose_outputs_drifted_is_stale_and_retuned(cache_dir):
+    from autocpu.canary import check_canary
+
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    first = tune_here(model, inputs, n_trials=3, backends=FAST)
+    canary = PlanCache().canary_path(first.plan.key)
+    assert check_canary(canary, first, Tolerance.strict()).passed
+    kept = torch.load(canary, weights_only=True)
+    kept["outputs"]["last_hidden_state"] += 0.5  # as if this machine now computed otherwise
+    torch.save(kept, canary)
+    with pytest.warns(autocpu.AutocpuWarning, match="stale: its canary failed"):
+        again = tune_here(model, inputs, n_trials=3, backends=FAST)
+    assert not again.from_cache
+    assert tune_here(model, inputs, n_trials=3, backends=FAST).from_cache  # fresh canary

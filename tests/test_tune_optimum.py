@@ -31,7 +31,7 @@ def test_tuned_engine_model_works_in_a_pipeline(engine, tmp_path, cache_dir):
     inputs = dict(
         tokenizer(["the model runs fast", "a good plan"], padding=True, return_tensors="pt")
     )
-    tuned = autocpu.tune(model, inputs, n_trials=2, backends=[engine])
+    tuned = autocpu.tune(model, inputs, n_trials=2, backends=[engine], isolation="none")
     trials = [t for t in tuned.plan.trials if t["backend"] == engine]
     assert trials and trials[0]["status"] == "ok", trials
     texts = ["the model runs fast on cpu", "bad cache", "a tuned plan"]
@@ -53,7 +53,7 @@ def _plan_for(plan, engine, trial):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_exports_are_kept_and_a_cache_hit_exports_nothing(engine, cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    first = autocpu.tune(model, inputs, n_trials=1, backends=[engine])
+    first = autocpu.tune(model, inputs, n_trials=1, backends=[engine], isolation="none")
     files = artifact_files(cache_dir, engine)
     assert files, "the export is kept in the cache"
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}

@@ -1,0 +1,181 @@
+"""Trials that crash, hang or blow up memory; interrupted and concurrent tunes; corrupt files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_inputs, tiny_model, write_tokenizer
+from misbehaving_backends import ALL as MISBEHAVING
+
+import autocpu
+from autocpu.plans import PlanCache
+
+TESTS = str(Path(__file__).parent)
+
+
+@pytest.fixture
+def misbehaving(monkeypatch):
+    import autocpu.backends as registry
+
+    monkeypatch.setenv("AUTOCPU_EXTRA_BACKENDS", MISBEHAVING)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    registry._discover.cache_clear()
+    yield
+    monkeypatch.delenv("AUTOCPU_EXTRA_BACKENDS")
+    registry._discover.cache_clear()
+
+
+def test_segfault_abort_hang_and_memory_blowup_are_failed_trials(misbehaving, cache_dir):
+    names = ["eager", "test_segfault", "test_abort", "test_hang", "test_memory_hog"]
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = autocpu.tune(
+        model, inputs, n_trials=5, backends=names, trial_timeout=30, memory_limit_gb=1.5
+    )
+    reasons = {t["backend"]: t["reason"] for t in tuned.plan.trials if t["status"] == "failed"}
+    assert "SIGSEGV" in reasons["test_segfault"]
+    assert "SIGABRT" in reasons["test_abort"]
+    assert reasons["test_hang"].startswith("hung: no result after 30 s")
+    assert "exceeded the memory limit" in reasons["test_memory_hog"]
+    assert tuned.plan.backend == "eager" and tuned.plan.measured_in == "worker processes"
+    assert tuned(**inputs).last_hidden_state.shape == (2, 16, 32)  # and this process lives on
+
+
+def cli(*args, cache, **kwargs):
+    env = {**os.environ, "AUTOCPU_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "autocpu.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    directory = tmp_path / "tiny-bert"
+    tiny_model("bert").save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
+
+
+def test_a_tune_killed_with_sigkill_resumes_without_repeating_trials(model_dir, cache_dir):
+    args = (
+        "tune",
+        str(model_dir),
+        "--seq-len",
+        "16",
+        "--trials",
+        "7",
+        "--isolation",
+        "none",
+        "--backends",
+        "eager,torchscript",
+        "--json",
+    )
+    first = cli(*args, cache=cache_dir)
+    seen = []
+    for line in first.stdout:
+        if line.startswith("trial"):
+            seen.append(line)
+        if len(seen) == 3:
+            os.kill(first.pid, signal.SIGKILL)
+            break
+    first.wait()
+    assert first.returncode == -signal.SIGKILL and not (cache_dir / "plans").exists()
+    second = cli(*args, cache=cache_dir)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out
+    plan = json.loads(out[out.index("{\n") :])
+    assert plan["study_trials"] == 7
+    resumed_lines = [ln for ln in out.splitlines() if ln.startswith("trial")]
+    assert len(resumed_lines) <= 7 - 2  # at least the 2 trials finished before the kill
+    first_latencies = {ln.split()[3] for ln in seen[:2]}
+    plan_latencies = {f"{t['latency']['median_ms']:.2f}" for t in plan["trials"] if t["latency"]}
+    assert first_latencies <= plan_latencies  # their results were kept, not re-measured
+
+
+def test_two_concurrent_tunes_on_one_cache(model_dir, cache_dir):
+    args = (
+        "tune",
+        str(model_dir),
+        "--seq-len",
+        "16",
+        "--trials",
+        "4",
+        "--isolation",
+        "none",
+        "--backends",
+        "eager,torchscript",
+        "--json",
+    )
+    procs = [cli(*args, cache=cache_dir) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    plans = [json.loads(out[out.index("{\n") :]) for out in outputs]
+    assert plans[0]["key"] == plans[1]["key"]
+    saved = json.loads(PlanCache(cache_dir).path(plans[0]["key"]).read_text())
+    assert 4 <= saved["study_trials"] <= 5  # one shared study and budget
+    assert not (cache_dir / "corrupt").exists()
+
+
+def test_a_corrupt_study_file_is_moved_aside_and_the_tune_proceeds(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    first = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
+    journal = next((cache_dir / "studies").glob("*.journal"))
+    journal.write_bytes(b"\x00garbage{not json\n" * 3)
+    PlanCache().remove(first.plan.key)
+    again = autocpu.tune(model, inputs, n_trials=2, backends=["eager"], isolation="none")
+    assert again.plan.study_trials == 2
+    moved = list((cache_dir / "corrupt").glob("*.journal.*"))
+    assert len(moved) == 1 and moved[0].read_bytes().startswith(b"\x00garbage")
+
+
+POSTGRES = os.environ.get("AUTOCPU_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="set AUTOCPU_TEST_POSTGRES (.ci/run starts a server)")
+def test_two_machines_share_one_study_in_postgresql(model_dir, tmp_path):
+    import optuna
+
+    for name in optuna.get_all_study_names(POSTGRES):  # a clean study per run
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+    args = (
+        "tune",
+        str(model_dir),
+        "--seq-len",
+        "16",
+        "--trials",
+        "6",
+        "--isolation",
+        "none",
+        "--backends",
+        "eager,torchscript",
+        "--storage",
+        POSTGRES,
+        "--json",
+    )
+    caches = [tmp_path / "machine-a", tmp_path / "machine-b"]
+    procs = []
+    for cache in caches:
+        procs.append(cli(*args, cache=cache))
+        time.sleep(1.0)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    plans = [json.loads(out[out.index("{\n") :]) for out in outputs]
+    last = max(plans, key=lambda p: p["created"])
+    workers = {t["worker"] for t in last["trials"] if t.get("worker")}
+    assert len(workers) == 2, workers  # trials measured by both processes
+    assert 6 <= last["study_trials"] <= 7
+    measured = [t for t in last["trials"] if t.get("worker")]
+    assert len(measured) == len(
+        {(t["backend"], json.dumps(t["params"], sort_keys=True)) for t in measured}
+    )
