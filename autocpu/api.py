@@ -183,6 +183,7 @@ def tune(
 
     started = time.perf_counter()
     references = reference_outputs(spec, batches)
+    busy = busy_percent()
     eligible, skipped = _eligibility(selected, spec, hw)
     ctx = BuildContext(hw, batches, plans.artifacts_dir(spec.fingerprint_id))
     trial_runner = TrialRunner(spec, batches, references, tol, ctx)
@@ -208,12 +209,31 @@ def tune(
         key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started
     )
     plan.measured_in = executor.mode
+    plan.cpu_busy_percent = busy
     plan.study_trials = result.study_trials
     if cache:
         save_canary(plans.canary_path(key), batches[0], spec.model)
         plans.save(plan)
     runner, _ = trial_runner.runner(get_backend(plan.backend), plan.params)
     return wrap(spec.model, runner, plan, from_cache=False)
+
+
+#: Other work above this share of the CPUs makes latencies noisy (2-thread PyTorch calls stalled
+#: at 170-280 ms instead of 0.6 ms here while another test run shared the two cores).
+BUSY_WARNING_PERCENT = 25.0
+
+
+def busy_percent() -> float:
+    """How busy the CPUs are with other work just before the search starts (this process idle)."""
+    busy = psutil.cpu_percent(interval=0.3)
+    if busy > BUSY_WARNING_PERCENT:
+        warnings.warn(
+            f"the CPUs were {busy:.0f}% busy with other work when the tune started: latencies "
+            "will be noisy and the plan may not hold; tune on an otherwise idle machine",
+            AutocpuWarning,
+            stacklevel=3,
+        )
+    return busy
 
 
 def _check_budget(

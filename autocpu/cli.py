@@ -269,6 +269,17 @@ def _verify(cache: Any, plan: Any, model_dir: str | None) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autocpu.html_report import write_report
+    from autocpu.plans import PlanCache
+
+    path = write_report(PlanCache(args.cache_dir).find(args.key), Path(args.output))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from autocpu.plans import PlanCache
     from autocpu.report import explain_table
@@ -348,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("key", help="plan key or unique prefix (see 'plans list')")
     explain.add_argument("--cache-dir", default=None)
     explain.set_defaults(func=cmd_explain)
+
+    report = sub.add_parser("report", help="a self-contained HTML page (and PNGs) for a plan")
+    report.add_argument("key", help="plan key or unique prefix (see 'plans list')")
+    report.add_argument("-o", "--output", default=".", help="folder to write into")
+    report.add_argument("--cache-dir", default=None)
+    report.set_defaults(func=cmd_report)
     return parser
 
 

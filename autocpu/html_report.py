@@ -35,6 +35,7 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-al
 th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.winner { background: #fff3bf; font-weight: 600; }
 tr.inaccurate { background: #fff0f0; } tr.failed, tr.ineligible { color: #777; }
+#trials td:last-child { min-width: 18em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; max-width: 60em; }
 .decision { font-size: 1.1em; padding: 0.5em; background: #eef6ff; border-left: 4px solid #39f; }
@@ -77,7 +78,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     for i in order:
         if points[i][1] < best_y or (front and points[i] == points[front[-1]]):
             front.append(i)
-            best_y = min(best_y, points[i][1])
+            best_y = points[i][1]
     return front
 
 

@@ -63,6 +63,19 @@ def median_ci_rel(sorted_values: list[float]) -> float:
     return (sorted_values[hi] - sorted_values[lo]) / (2 * median) if median > 0 else math.inf
 
 
+def warm_up(workload: Workload, calls: int, max_calls: int = 20, max_time_s: float = 10.0) -> None:
+    """At least ``calls`` untimed calls, more while the latest is still well above the fastest
+    seen (lazy weight loading, allocator and JIT warm-up can take many calls to settle)."""
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_calls and time.perf_counter() - started < max_time_s:
+        t0 = time.perf_counter()
+        workload()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= calls and times[-1] <= 1.2 * min(times):
+            return
+
+
 def measure(
     workload: Workload,
     *,
@@ -78,8 +91,7 @@ def measure(
     ``give_up_above_ms``: once ``min_repeats`` samples say the median is above it, stop early:
     a candidate 1.5x slower than the best so far needs no precise number.
     """
-    for _ in range(warmup):
-        workload()
+    warm_up(workload, warmup)
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < max_repeats:
@@ -147,8 +159,7 @@ def interleaved(
     if baseline not in workloads:
         raise ValueError(f"baseline {baseline!r} is not among the workloads")
     for workload in workloads.values():
-        for _ in range(warmup):
-            workload()
+        warm_up(workload, warmup)
     samples: dict[str, list[float]] = {name: [] for name in workloads}
     started = time.perf_counter()
     rounds = 0

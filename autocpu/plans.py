@@ -92,6 +92,7 @@ class Plan:
     trials: list[dict[str, Any]] = field(default_factory=list)
     tune_seconds: float = 0.0
     study_trials: int = 0
+    cpu_busy_percent: float = 0.0
     measured_in: str = "in-process"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: int = PLAN_FORMAT

@@ -63,6 +63,9 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
     assert plan["key"][:12] in listed.stdout
     shown = run_cli("plans", "show", plan["key"][:6], cache=cache_dir)
     assert shown.returncode == 0 and plan["backend"] in shown.stdout
+    reported = run_cli("report", plan["key"][:6], "-o", str(cache_dir / "report"), cache=cache_dir)
+    assert reported.returncode == 0, reported.stderr
+    assert (cache_dir / "report" / f"report-{plan['key'][:12]}.html").is_file()
     explained = run_cli("explain", plan["key"][:6], cache=cache_dir)
     assert explained.returncode == 0 and "WINNER: " in explained.stdout
     verified = run_cli(

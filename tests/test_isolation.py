@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_inputs, tiny_model, write_tokenizer
 from misbehaving_backends import ALL as MISBEHAVING
 
@@ -179,3 +180,22 @@ def test_two_machines_share_one_study_in_postgresql(model_dir, tmp_path):
     assert len(measured) == len(
         {(t["backend"], json.dumps(t["params"], sort_keys=True)) for t in measured}
     )
+
+
+class PlainModule(torch.nn.Module):
+    """Not a transformers model: nothing to save_pretrained for a worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        return {"hidden": self.embed(input_ids).relu()}
+
+
+def test_a_model_that_cannot_be_saved_is_tuned_in_process_with_a_warning(cache_dir):
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    with pytest.warns(autocpu.AutocpuWarning, match="cannot be saved for worker processes"):
+        tuned = autocpu.tune(PlainModule().eval(), inputs, n_trials=2, backends=["eager"])
+    assert tuned.plan.measured_in == "in-process"
+    assert torch.equal(tuned(**inputs)["hidden"], tuned.model(**inputs)["hidden"])
