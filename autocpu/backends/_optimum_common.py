@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from autocpu.backends.base import Availability, Backend
 from autocpu.errors import AutocpuError
 
 if TYPE_CHECKING:
     from autocpu.backends.base import BuildContext
+    from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
 
 #: Task name -> suffix of the optimum class (``ORTModelFor<suffix>``, ``OVModelFor<suffix>``).
@@ -57,6 +59,41 @@ class ExportedVariant:
     with_past: bool = False
     #: Graph outputs beyond what optimum's model class returns (see :class:`TorchLikeModel`).
     extra_outputs: tuple[str, ...] = ()
+
+
+class OptimumBackend(Backend):
+    """A backend that exports through an optimum exporter and runs an optimum model class."""
+
+    simplicity: ClassVar[int] = 2
+    #: optimum's exporter name ("onnx", "openvino").
+    exporter: ClassVar[str]
+    #: Where the task's model classes live, and their prefix (``ORTModelFor``, ``OVModelFor``).
+    model_module: ClassVar[str]
+    class_prefix: ClassVar[str]
+
+    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
+        """Packages present and, for a model, the exporter and a model class handle it."""
+        missing = self.missing_packages()
+        if missing is not None or spec is None:
+            return missing or Availability.yes()
+        if model_class(self.model_module, self.class_prefix, spec.task) is None:
+            reason = f"{self.requires[0]} has no {self.class_prefix}... class for {spec.task!r}"
+        else:
+            reason = exporter_reason(self.exporter, spec.model_type, spec.task)
+        return Availability.no(reason, _OTHER_BACKEND) if reason else Availability.yes()
+
+    def task_class(self, task: str) -> type:
+        """The optimum model class that loads this backend's files for ``task``."""
+        cls = model_class(self.model_module, self.class_prefix, task)
+        if cls is None:
+            raise AutocpuError(
+                f"{self.requires[0]} has no {self.class_prefix}... class for {task!r}",
+                _OTHER_BACKEND,
+            )
+        return cls
+
+
+_OTHER_BACKEND = "use another backend for this model"
 
 
 def model_class(module: str, prefix: str, task: str) -> type | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autocpu.backends import _optimum_common as common
-from autocpu.backends.base import Availability, Backend, BuildContext, Runner
+from autocpu.backends.base import BuildContext, Runner
 from autocpu.errors import AutocpuError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ _EXTERNAL_DATA_BYTES = 1_500_000_000
 _MODEL_FILE = "model.onnx"
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(common.OptimumBackend):
     """ONNX Runtime (CPU execution provider) on an optimum-onnx export."""
 
     name: ClassVar[str] = "onnxruntime"
@@ -52,7 +52,9 @@ class OnnxRuntimeBackend(Backend):
         "ONNX Runtime via optimum-onnx: exported graph, optional transformer fusions and "
         "dynamic int8, tuned session threads and optimization level"
     )
-    simplicity: ClassVar[int] = 2
+    exporter: ClassVar[str] = "onnx"
+    model_module: ClassVar[str] = "optimum.onnxruntime"
+    class_prefix: ClassVar[str] = "ORTModelFor"
     extra: ClassVar[str | None] = "onnxruntime"
     requires: ClassVar[tuple[str, ...]] = ("optimum-onnx", "onnxruntime")
     runtime_params: ClassVar[frozenset[str]] = frozenset(
@@ -66,25 +68,6 @@ class OnnxRuntimeBackend(Backend):
         "torch",
         "transformers",
     )
-
-    # Capabilities -----------------------------------------------------------------------------
-
-    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
-        """Packages present and, for a model, the exporter and an ORTModel class handle it."""
-        missing = self.missing_packages()
-        if missing is not None:
-            return missing
-        if spec is None:
-            return Availability.yes()
-        if common.model_class("optimum.onnxruntime", "ORTModelFor", spec.task) is None:
-            return Availability.no(
-                f"optimum-onnx has no ORTModel class for task {spec.task!r}",
-                "use a PyTorch backend for this model",
-            )
-        reason = common.exporter_reason("onnx", spec.model_type, spec.task)
-        if reason:
-            return Availability.no(reason, "use a PyTorch backend for this model")
-        return Availability.yes()
 
     @staticmethod
     def fusion_model_type(model_type: str) -> str | None:
@@ -202,12 +185,7 @@ class OnnxRuntimeBackend(Backend):
     def bind(self, built: common.ExportedVariant, params: Mapping[str, Any]) -> Runner:
         """Create the session with the runtime params and wrap the task's ORTModel."""
         common.check_built(built)
-        cls = common.model_class("optimum.onnxruntime", "ORTModelFor", built.task)
-        if cls is None:
-            raise AutocpuError(
-                f"optimum-onnx has no ORTModel class for task {built.task!r}",
-                "use a PyTorch backend for this model",
-            )
+        cls = self.task_class(built.task)
         extra = {"use_cache": built.with_past} if built.task == "text-generation" else {}
         model = cls.from_pretrained(
             built.path,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autocpu.backends import _optimum_common as common
-from autocpu.backends.base import Availability, Backend, BuildContext, Runner
+from autocpu.backends.base import BuildContext, Runner
 from autocpu.errors import AutocpuError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def nncf_installed() -> bool:
     return importlib.util.find_spec("nncf") is not None
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(common.OptimumBackend):
     """OpenVINO CPU plugin on an optimum-intel IR export."""
 
     name: ClassVar[str] = "openvino"
@@ -48,7 +48,9 @@ class OpenVinoBackend(Backend):
         "OpenVINO via optimum-intel: IR export, optional int8 weights (nncf), tuned hint, "
         "precision, threads and streams"
     )
-    simplicity: ClassVar[int] = 2
+    exporter: ClassVar[str] = "openvino"
+    model_module: ClassVar[str] = "optimum.intel"
+    class_prefix: ClassVar[str] = "OVModelFor"
     extra: ClassVar[str | None] = "openvino"
     requires: ClassVar[tuple[str, ...]] = ("optimum-intel", "openvino")
     runtime_params: ClassVar[frozenset[str]] = frozenset(
@@ -63,25 +65,6 @@ class OpenVinoBackend(Backend):
         "torch",
         "transformers",
     )
-
-    # Capabilities -----------------------------------------------------------------------------
-
-    def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
-        """Packages present and, for a model, the exporter and an OVModel class handle it."""
-        missing = self.missing_packages()
-        if missing is not None:
-            return missing
-        if spec is None:
-            return Availability.yes()
-        if common.model_class("optimum.intel", "OVModelFor", spec.task) is None:
-            return Availability.no(
-                f"optimum-intel has no OVModel class for task {spec.task!r}",
-                "use another backend for this model",
-            )
-        reason = common.exporter_reason("openvino", spec.model_type, spec.task)
-        if reason:
-            return Availability.no(reason, "use another backend for this model")
-        return Availability.yes()
 
     # Search space -----------------------------------------------------------------------------
 
@@ -150,12 +133,7 @@ class OpenVinoBackend(Backend):
     def bind(self, built: common.ExportedVariant, params: Mapping[str, Any]) -> Runner:
         """Compile the IR with ``ov_config`` and check the precision OpenVINO really chose."""
         common.check_built(built)
-        cls = common.model_class("optimum.intel", "OVModelFor", built.task)
-        if cls is None:
-            raise AutocpuError(
-                f"optimum-intel has no OVModel class for task {built.task!r}",
-                "use another backend for this model",
-            )
+        cls = self.task_class(built.task)
         # A local folder: no hub access. (local_files_only=True would make optimum-intel look
         # for the folder in the hub cache and log a spurious "Could not infer" warning.)
         model = cls.from_pretrained(
