@@ -64,15 +64,15 @@ def median_ci_rel(sorted_values: list[float]) -> float:
 
 
 def warm_up(workload: Workload, calls: int, max_calls: int = 20, max_time_s: float = 10.0) -> None:
-    """At least ``calls`` untimed calls, more while the latest is still well above the fastest
-    seen (lazy weight loading, allocator and JIT warm-up can take many calls to settle)."""
+    """At least ``calls`` untimed calls, more until two calls in a row agree within 10%
+    (lazy weight loading, allocators, JIT and engine warm-up can take many calls to settle)."""
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < max_calls and time.perf_counter() - started < max_time_s:
         t0 = time.perf_counter()
         workload()
         times.append(time.perf_counter() - t0)
-        if len(times) >= calls and times[-1] <= 1.2 * min(times):
+        if len(times) >= max(calls, 2) and abs(times[-1] - times[-2]) <= 0.1 * min(times[-2:]):
             return
 
 

@@ -27,12 +27,13 @@ def tune_once(tolerance: str, trials: int | None, quiet: bool):
     model, tokenizer = load()
     inputs = tokenizer(SENTENCES, padding=True, return_tensors="pt")
 
-    def progress(record, best_ms):
-        if not quiet and record.status != "pending":
+    def progress(event):
+        record = event.record
+        if not quiet and not event.started:
             latency = f"{record.median_ms:7.2f} ms" if record.latency else "      - ms"
             print(
-                f"  {record.backend:<13} {latency}  {record.status:<10} {record.params}"
-                f"  {record.reason}",
+                f"  {event.finished:>2}/{event.total or '?'} {record.backend:<13} {latency}  "
+                f"{record.status:<10} {record.params}  {record.reason}",
                 flush=True,
             )
 

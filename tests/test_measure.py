@@ -35,3 +35,17 @@ def test_interleaved_ratio_finds_the_faster_workload():
 def test_median_ci_narrows_with_identical_samples():
     assert median_ci_rel([1.0] * 20) == 0.0
     assert median_ci_rel([1.0, 2.0]) == float("inf")
+
+
+def test_warm_up_continues_until_calls_settle():
+    from autocpu.measure import warm_up
+
+    durations = iter([0.05, 0.03, 0.02, 0.004, 0.002, 0.002, 0.002, 0.002])
+    calls = []
+
+    def slow_start():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    warm_up(slow_start, 2)
+    assert len(calls) == 6  # stopped at the first pair of calls that agree
