@@ -87,6 +87,15 @@ class Tolerance:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def admits_lossy(self) -> bool:
+        """Whether bf16 or int8 candidates can pass: they differ by 0.5-4% relative (measured
+        on bert-base), so a bound below 0.1% or a cosine above 0.99999 rules them out."""
+        return self.max_rel >= LOSSY_MIN_REL and self.min_cosine < 0.99999
+
+
+#: The smallest relative difference a bf16 or int8 candidate was seen to stay within.
+LOSSY_MIN_REL = 1e-3
 
 _TOLERANCE_FIX = (
     "use 'strict', 'bf16', 'int8', a relative difference such as 0.01, "

@@ -204,6 +204,7 @@ def tune(
         n_trials=n_trials if n_trials is not None or timeout is not None else DEFAULT_TRIALS,
         timeout=timeout if timeout is not None or n_trials is not None else DEFAULT_TIMEOUT_S,
         progress=progress,
+        lossy=tol.admits_lossy,
     ).run()
     plan = _make_plan(
         key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started

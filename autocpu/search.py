@@ -272,8 +272,10 @@ class Search:
         n_trials: int | None,
         timeout: float | None,
         progress: ProgressCallback | None = None,
+        lossy: bool = True,
     ) -> None:
         self.executor = executor
+        self.lossy = lossy
         self.study = study
         self.spec = spec
         self.backends = {b.name: b for b in backends}
@@ -350,7 +352,7 @@ class Search:
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
         name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.spec, self.hw)
+        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
         record = TrialRecord(name, params, number=trial.number)
         seen = next((r for r in self.records() if r.identity == record.identity), None)
         if seen is not None:

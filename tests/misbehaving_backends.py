@@ -21,7 +21,7 @@ class _Misbehaving(Backend):
     def defaults(self, hw: Any) -> dict[str, Any]:
         return {}
 
-    def suggest(self, trial: Any, spec: Any, hw: Any) -> dict[str, Any]:
+    def suggest(self, trial: Any, spec: Any, hw: Any, *, lossy: bool = True) -> dict[str, Any]:
         return {}
 
 

@@ -98,8 +98,13 @@ class Backend(ABC):
         """The settings a user following the backend's own docs would use; tried first."""
 
     @abstractmethod
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
-        """Sample settings for this model on ``trial`` (names via :meth:`key`), unprefixed."""
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
+        """Sample settings for this model on ``trial`` (names via :meth:`key`), unprefixed.
+
+        ``lossy=False``: the tolerance rules out bf16 and int8, so do not offer them.
+        """
 
     @abstractmethod
     def build(self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext) -> Any:

@@ -142,10 +142,14 @@ class EagerBackend(Backend):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         return {"attention": "sdpa", "precision": "fp32", "threads": hw.usable_cpus}
 
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
         return {
             "attention": trial.suggest_categorical(self.key("attention"), ["eager", "sdpa"]),
-            "precision": trial.suggest_categorical(self.key("precision"), precisions_for(hw)),
+            "precision": trial.suggest_categorical(
+                self.key("precision"), precisions_for(hw) if lossy else ["fp32"]
+            ),
             "threads": self.suggest_threads(trial, hw),
         }
 

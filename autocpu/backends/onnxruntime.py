@@ -96,10 +96,12 @@ class OnnxRuntimeBackend(common.OptimumBackend):
             "spinning": True,
         }
 
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
         """Define-by-run: int8 only with fast int8 hardware, inter-op threads only in parallel."""
         fusion_choices = [False, True] if self.fusion_model_type(spec.model_type) else [False]
-        quantize_choices = list(QUANTIZE_CHOICES) if hw.fast_int8 else ["none"]
+        quantize_choices = list(QUANTIZE_CHOICES) if hw.fast_int8 and lossy else ["none"]
         params: dict[str, Any] = {
             "fusion": trial.suggest_categorical(self.key("fusion"), fusion_choices),
             "quantize": trial.suggest_categorical(self.key("quantize"), quantize_choices),

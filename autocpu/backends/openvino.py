@@ -79,14 +79,16 @@ class OpenVinoBackend(common.OptimumBackend):
             "pinning": True,
         }
 
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
         """Define-by-run: bf16 only with native bf16, int8 only with nncf, streams by hint.
 
         One call runs one request, which uses one stream: more streams only split the threads,
         so streams are searched under the THROUGHPUT hint only (LATENCY means one stream).
         """
-        weights = list(WEIGHTS) if nncf_installed() else ["fp32"]
-        precisions = ["f32", "bf16"] if hw.native_bf16 else ["f32"]
+        weights = list(WEIGHTS) if nncf_installed() and lossy else ["fp32"]
+        precisions = ["f32", "bf16"] if hw.native_bf16 and lossy else ["f32"]
         params: dict[str, Any] = {
             "weights": trial.suggest_categorical(self.key("weights"), weights),
             "hint": trial.suggest_categorical(self.key("hint"), list(HINTS)),

@@ -38,7 +38,9 @@ class TorchCompileBackend(Backend):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         return {"freezing": False, "max_autotune": False, "threads": hw.usable_cpus}
 
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
         return {
             "freezing": trial.suggest_categorical(self.key("freezing"), [False, True]),
             "max_autotune": trial.suggest_categorical(self.key("max_autotune"), [False, True]),

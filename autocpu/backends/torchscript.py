@@ -114,7 +114,9 @@ class TorchScriptBackend(Backend):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         return {"freeze": True, "optimize": False, "threads": hw.usable_cpus}
 
-    def suggest(self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+    ) -> dict[str, Any]:
         freeze = trial.suggest_categorical(self.key("freeze"), [True, False])
         optimize = freeze and trial.suggest_categorical(self.key("optimize"), [True, False])
         return {"freeze": freeze, "optimize": optimize, "threads": self.suggest_threads(trial, hw)}
