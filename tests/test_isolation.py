@@ -199,3 +199,13 @@ def test_a_model_that_cannot_be_saved_is_tuned_in_process_with_a_warning(cache_d
         tuned = autocpu.tune(PlainModule().eval(), inputs, n_trials=2, backends=["eager"])
     assert tuned.plan.measured_in == "in-process"
     assert torch.equal(tuned(**inputs)["hidden"], tuned.model(**inputs)["hidden"])
+
+
+def test_a_study_from_another_machine_is_refused(cache_dir):
+    from autocpu.errors import AutocpuError
+    from autocpu.storage import open_study
+
+    open_study("somekey", "fingerprint-a", cache_dir)
+    assert open_study("somekey", "fingerprint-a", cache_dir).user_attrs
+    with pytest.raises(AutocpuError, match="measured on a machine with fingerprint fingerprint-a"):
+        open_study("somekey", "fingerprint-b", cache_dir)
