@@ -107,11 +107,6 @@ class CpuInfo:
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def family_key(self) -> str:
-        """Coarser key (vendor, family, ISA set): plans matching it are good search seeds."""
-        raw = json.dumps([self.vendor, self.family, sorted(self.flags)])
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data["flags"] = list(self.flags)

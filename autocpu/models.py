@@ -174,7 +174,3 @@ def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module
         )
     auto_class = getattr(transformers, _AUTO_CLASS_BY_TASK[task])
     return auto_class.from_pretrained(directory).eval()
-
-
-def auto_class_for_task(task: str) -> str:
-    return _AUTO_CLASS_BY_TASK.get(task, "AutoModel")

@@ -142,16 +142,6 @@ class Backend(ABC):
                 return Availability.no(f"{dist} is not installed", fix)
         return None
 
-    def versions(self) -> dict[str, str]:
-        """Versions of the packages this backend's results depend on (recorded in plans)."""
-        found = {}
-        for dist in self.requires:
-            try:
-                found[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return found
-
 
 #: Loggers of the stacks backends drive; their build-time chatter ("consider pre-processing
 #: before quantization", "could not infer whether the model was already converted") is noise.
