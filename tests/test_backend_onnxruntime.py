@@ -15,16 +15,13 @@ import torch
 pytest.importorskip("optimum.onnxruntime")
 
 import optuna
+from conftest import tiny_config
+from engine_cases import MODELS, Case, cosine, make_cases, max_diff, run
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     BertLMHeadModel,
-    BertModel,
     CTRLConfig,
     CTRLModel,
-    GPT2Config,
     GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
 )
 
 from autocpu.backends import _optimum_common as common
@@ -34,40 +31,6 @@ from autocpu.errors import AutocpuError
 from autocpu.hardware import probe
 from autocpu.models import make_spec
 from autocpu.outputs import named_tensors
-
-BERT = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
-GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
-MODELS = {
-    "bert": lambda: BertModel(BertConfig(**BERT)),
-    "bert-cls": lambda: BertForSequenceClassification(BertConfig(**BERT)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2)),
-}
-
-
-def _inputs(name: str) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 100, (2, 12), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0  # padding in the second row
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if name.startswith("bert"):
-        inputs["token_type_ids"] = torch.zeros_like(ids)
-    return inputs
-
-
-@dataclasses.dataclass
-class Case:
-    spec: object
-    inputs: dict[str, torch.Tensor]
-    reference: dict[str, torch.Tensor]
-    ctx: BuildContext
 
 
 @pytest.fixture(scope="module")
@@ -82,41 +45,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cases(artifacts: Path) -> dict[str, Case]:
-    found = {}
-    for name, factory in MODELS.items():
-        torch.manual_seed(0)
-        model = factory().eval()
-        inputs = _inputs(name)
-        with torch.inference_mode():
-            reference = named_tensors(model(**inputs))
-        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifacts)
-        found[name] = Case(make_spec(model), inputs, reference, ctx)
-    return found
-
-
-def _run(backend: OnnxRuntimeBackend, case: Case, params: dict) -> dict[str, torch.Tensor]:
-    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
-    return named_tensors(runner(**case.inputs))
-
-
-def _real_tokens(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token outputs at real tokens only: at padded positions implementations disagree
-    (torch sdpa vs eager, OpenVINO) and the values mean nothing."""
-    if tensor.shape[:2] != mask.shape:
-        return tensor
-    return tensor[mask.bool()]
-
-
-def _max_diff(outputs: dict, case: Case, key: str) -> float:
-    mask = case.inputs["attention_mask"]
-    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
-    return (got - expected).abs().max().item()
-
-
-def _cosine(outputs: dict, case: Case, key: str) -> float:
-    mask = case.inputs["attention_mask"]
-    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
-    return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
+    return make_cases(artifacts)
 
 
 def test_import_is_light() -> None:
@@ -143,7 +72,7 @@ def test_availability(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> No
     hw = probe()
     assert backend.availability(None, hw).ok
     assert backend.availability(cases["bert-cls"].spec, hw).ok
-    no_task = backend.availability(make_spec(BertLMHeadModel(BertConfig(**BERT))), hw)
+    no_task = backend.availability(make_spec(BertLMHeadModel(tiny_config("bert"))), hw)
     assert not no_task.ok and "text-generation" not in no_task.reason
     assert "feature-extraction" in no_task.reason
     ctrl = CTRLModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=16))
@@ -164,19 +93,19 @@ def test_missing_package_names_the_fix() -> None:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_defaults_match_torch(backend: OnnxRuntimeBackend, cases: dict[str, Case], name: str):
     case = cases[name]
-    outputs = _run(backend, case, backend.defaults(probe()))
+    outputs = run(backend, case, backend.defaults(probe()))
     assert set(outputs) == set(case.reference)  # e.g. pooler_output for BertModel
     for key in case.reference:
-        assert _max_diff(outputs, case, key) <= 1e-4, key
+        assert max_diff(outputs, case, key) <= 1e-4, key
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_fusion_matches_torch(backend: OnnxRuntimeBackend, cases: dict[str, Case], name: str):
     case = cases[name]
     params = {**backend.defaults(probe()), "fusion": True, "opt_level": "disable"}
-    outputs = _run(backend, case, params)
+    outputs = run(backend, case, params)
     for key in case.reference:
-        assert _max_diff(outputs, case, key) <= 1e-4, key
+        assert max_diff(outputs, case, key) <= 1e-4, key
 
 
 @pytest.mark.parametrize(
@@ -197,7 +126,7 @@ def test_int8_stays_close(
     assert "int8" in built.path.name
     outputs = named_tensors(backend.bind(built, params)(**case.inputs))
     for key in case.reference:
-        assert _cosine(outputs, case, key) > 0.99, key
+        assert cosine(outputs, case, key) > 0.99, key
 
 
 def test_second_build_reuses_the_export(backend: OnnxRuntimeBackend, cases: dict[str, Case]):
@@ -234,7 +163,7 @@ def test_deleted_or_partial_variant_is_rebuilt(backend: OnnxRuntimeBackend, case
     again = backend.build(case.spec, params, ctx)
     assert "fp32" in ctx.notes["onnxruntime.build_seconds"]
     outputs = named_tensors(backend.bind(again, params)(**case.inputs))
-    assert _max_diff(outputs, case, "logits") <= 1e-4
+    assert max_diff(outputs, case, "logits") <= 1e-4
 
 
 def test_session_gets_the_runtime_params(backend: OnnxRuntimeBackend, cases: dict[str, Case]):
@@ -308,7 +237,7 @@ def test_fusion_model_types() -> None:
 def test_classifier_without_pad_token(backend: OnnxRuntimeBackend, artifacts: Path) -> None:
     """GPT-2 classifiers often have no pad token; the exporter would then want a tokenizer."""
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(**GPT2)).eval()
+    model = GPT2ForSequenceClassification(tiny_config("gpt2")).eval()
     assert model.config.pad_token_id is None
     inputs = {"input_ids": torch.randint(1, 100, (1, 12))}
     with torch.inference_mode():

@@ -12,19 +12,15 @@ import torch
 pytest.importorskip("optimum.intel.openvino")
 
 import optuna
+from conftest import tiny_config
+from engine_cases import MODELS, Case, cosine, make_cases, max_diff
 from transformers import (
-    BertConfig,
     BertForMultipleChoice,
-    BertForSequenceClassification,
-    BertModel,
     CTRLConfig,
     CTRLModel,
-    GPT2Config,
-    GPT2LMHeadModel,
 )
 
 from autocpu.backends import _optimum_common as common
-from autocpu.backends.base import BuildContext
 from autocpu.backends.openvino import (
     OpenVinoBackend,
     compiled_precision,
@@ -35,40 +31,7 @@ from autocpu.hardware import probe
 from autocpu.models import make_spec
 from autocpu.outputs import named_tensors
 
-BERT = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
-GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
-MODELS = {
-    "bert": lambda: BertModel(BertConfig(**BERT)),
-    "bert-cls": lambda: BertForSequenceClassification(BertConfig(**BERT)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2)),
-}
 needs_nncf = pytest.mark.skipif(not nncf_installed(), reason="nncf is not installed")
-
-
-def _inputs(name: str) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 100, (2, 12), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0  # padding in the second row
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if name.startswith("bert"):
-        inputs["token_type_ids"] = torch.zeros_like(ids)
-    return inputs
-
-
-@dataclasses.dataclass
-class Case:
-    spec: object
-    inputs: dict[str, torch.Tensor]
-    reference: dict[str, torch.Tensor]
-    ctx: BuildContext
 
 
 @pytest.fixture(scope="module")
@@ -78,44 +41,14 @@ def backend() -> OpenVinoBackend:
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
-    artifacts = tmp_path_factory.mktemp("ov-artifacts")
-    found = {}
-    for name, factory in MODELS.items():
-        torch.manual_seed(0)
-        model = factory().eval()
-        inputs = _inputs(name)
-        with torch.inference_mode():
-            reference = named_tensors(model(**inputs))
-        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifacts)
-        found[name] = Case(make_spec(model), inputs, reference, ctx)
-    return found
-
-
-def _real_tokens(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token outputs at real tokens only: at padded positions implementations disagree
-    (torch sdpa vs eager, OpenVINO) and the values mean nothing."""
-    if tensor.shape[:2] != mask.shape:
-        return tensor
-    return tensor[mask.bool()]
-
-
-def _max_diff(outputs: dict, case: Case, key: str) -> float:
-    mask = case.inputs["attention_mask"]
-    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
-    return (got - expected).abs().max().item()
-
-
-def _cosine(outputs: dict, case: Case, key: str) -> float:
-    mask = case.inputs["attention_mask"]
-    got, expected = _real_tokens(outputs[key], mask), _real_tokens(case.reference[key], mask)
-    return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
+    return make_cases(tmp_path_factory.mktemp("ov-artifacts"))
 
 
 def test_availability(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
     hw = probe()
     assert backend.availability(None, hw).ok
     assert backend.availability(cases["gpt2"].spec, hw).ok
-    choice = backend.availability(make_spec(BertForMultipleChoice(BertConfig(**BERT))), hw)
+    choice = backend.availability(make_spec(BertForMultipleChoice(tiny_config("bert"))), hw)
     assert not choice.ok and "multiple-choice" in choice.reason  # optimum-intel has no class
     ctrl = CTRLModel(CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, dff=16))
     no_type = backend.availability(make_spec(ctrl), hw)
@@ -130,7 +63,7 @@ def test_defaults_match_torch(backend: OpenVinoBackend, cases: dict[str, Case], 
     outputs = named_tensors(runner(**case.inputs))
     assert set(outputs) == set(case.reference)  # e.g. pooler_output for BertModel
     for key in case.reference:
-        assert _max_diff(outputs, case, key) <= 1e-4, key
+        assert max_diff(outputs, case, key) <= 1e-4, key
 
 
 def test_f32_is_really_f32(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
@@ -154,7 +87,7 @@ def test_bf16_candidate_compiles_in_bf16(backend: OpenVinoBackend, cases: dict[s
     runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
     assert compiled_precision(runner.fn) == "bf16"
     outputs = named_tensors(runner(**case.inputs))
-    assert _cosine(outputs, case, "logits") > 0.99
+    assert cosine(outputs, case, "logits") > 0.99
 
 
 def test_config_values_are_strings() -> None:
@@ -182,7 +115,7 @@ def test_int8_weights_stay_close(backend: OpenVinoBackend, cases: dict[str, Case
     assert sum(bin_files.values()) < sum(fp32_files.values())  # weights really compressed
     outputs = named_tensors(backend.bind(built, params)(**case.inputs))
     for key in case.reference:
-        assert _cosine(outputs, case, key) > 0.99, key
+        assert cosine(outputs, case, key) > 0.99, key
 
 
 def test_second_build_reuses_the_export(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
@@ -212,7 +145,7 @@ def test_deleted_variant_is_rebuilt(backend: OpenVinoBackend, cases: dict[str, C
     assert "fp32" in ctx.notes["openvino.build_seconds"]
     outputs = named_tensors(backend.bind(rebuilt, params)(**case.inputs))
     for key in case.reference:
-        assert _max_diff(outputs, case, key) <= 1e-4, key
+        assert max_diff(outputs, case, key) <= 1e-4, key
 
 
 def test_generate_works(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:

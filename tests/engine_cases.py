@@ -1,0 +1,64 @@
+"""Tiny models, their inputs and fp32 reference outputs, shared by the engine backend tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import tiny_inputs, tiny_model
+
+from autocpu.accuracy import real_tokens
+from autocpu.backends.base import Backend, BuildContext
+from autocpu.hardware import probe
+from autocpu.models import ModelSpec, make_spec
+from autocpu.outputs import named_tensors
+
+#: Case name -> (tiny config kind, Auto class).
+MODELS = {
+    "bert": ("bert", "AutoModel"),
+    "bert-cls": ("bert", "AutoModelForSequenceClassification"),
+    "gpt2": ("gpt2", "AutoModelForCausalLM"),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    spec: ModelSpec
+    inputs: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor]
+    ctx: BuildContext
+
+
+def make_cases(artifact_dir: Path) -> dict[str, Case]:
+    """Each model with a padded batch (the second row ends in padding) and its outputs."""
+    found = {}
+    for name, (kind, head) in MODELS.items():
+        model = tiny_model(kind, head)
+        inputs = tiny_inputs(kind, batch=2, seq=12, seed=1)
+        with torch.inference_mode():
+            reference = named_tensors(model(**inputs))
+        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifact_dir)
+        found[name] = Case(make_spec(model), inputs, reference, ctx)
+    return found
+
+
+def run(backend: Backend, case: Case, params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    runner = backend.bind(backend.build(case.spec, params, case.ctx), params)
+    return named_tensors(runner(**case.inputs))
+
+
+def _pair(outputs: dict, case: Case, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = case.inputs["attention_mask"]
+    return real_tokens(outputs[key], mask), real_tokens(case.reference[key], mask)
+
+
+def max_diff(outputs: dict, case: Case, key: str) -> float:
+    got, expected = _pair(outputs, case, key)
+    return (got - expected).abs().max().item()
+
+
+def cosine(outputs: dict, case: Case, key: str) -> float:
+    got, expected = _pair(outputs, case, key)
+    return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
