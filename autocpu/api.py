@@ -13,6 +13,7 @@ import optuna
 import psutil
 import torch
 
+from autocpu import sharing
 from autocpu.accuracy import Tolerance
 from autocpu.backends import Backend, BuildContext, all_backends, get_backend
 from autocpu.backends.base import quiet_build_logs
@@ -177,7 +178,9 @@ def tune(
     plans = PlanCache(Path(cache_dir) if cache_dir else None)
     key = plan_key(spec.fingerprint, signature(batches), hw.fingerprint(), tol.to_dict(), backends)
     if cache:
-        cached = _cached_model(plans, key, spec, batches, hw)
+        cached = _cached_model(plans, key, spec, batches, hw) or _shipped_model(
+            plans, key, spec, batches, hw
+        )
         if cached is not None:
             return cached
 
@@ -205,6 +208,7 @@ def tune(
         timeout=timeout if timeout is not None or n_trials is not None else DEFAULT_TIMEOUT_S,
         progress=progress,
         lossy=tol.admits_lossy,
+        seeds=sharing.seeds(spec.fingerprint, hw.family_key()),
     ).run()
     plan = _make_plan(
         key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started
@@ -329,6 +333,21 @@ def _cached_model(
             f"cached plan {key[:12]} not used: {reason}; re-tuning", AutocpuWarning, stacklevel=3
         )
         return None
+    return tuned
+
+
+def _shipped_model(
+    plans: PlanCache, key: str, spec: ModelSpec, batches: list[Batch], hw: CpuInfo
+) -> TunedModel | None:
+    """The tuning database's plan for exactly this key, installed in the cache and checked
+    (versions, rebuild, canary) like a cached one."""
+    shipped = sharing.shipped_plan(key)
+    if shipped is None:
+        return None
+    sharing.install(plans, shipped)
+    tuned = _cached_model(plans, key, spec, batches, hw)
+    if tuned is not None:
+        tuned.source = "tuning_db"
     return tuned
 
 

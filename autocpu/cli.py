@@ -225,6 +225,8 @@ def cmd_plans(args: argparse.Namespace) -> int:
     from autocpu.report import explain_table, plans_table
 
     cache = PlanCache(args.cache_dir)
+    if args.action in ("export", "import"):
+        return _share(cache, args)
     if args.action == "list":
         plans = cache.all()
         if args.json:
@@ -248,6 +250,29 @@ def cmd_plans(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share(cache: Any, args: argparse.Namespace) -> int:
+    """plans export [KEY] -o FILE, plans import FILE: one file moves plans between machines."""
+    from pathlib import Path
+
+    from autocpu.sharing import export_bundle, import_bundle
+
+    if args.action == "export":
+        if not args.output:
+            raise AutocpuError(
+                "'plans export' needs a file to write", "pass --output FILE (a key is optional)"
+            )
+        exported = export_bundle(cache, [args.key] if args.key else [], Path(args.output))
+        print(f"exported {len(exported)} plan(s) to {args.output}")
+        return 0
+    if not args.key:
+        raise AutocpuError(
+            "'plans import' needs a bundle file", "pass the file 'autocpu plans export' wrote"
+        )
+    imported = import_bundle(cache, Path(args.key))
+    print(f"imported {len(imported)} plan(s) into {cache.plans_dir}")
+    return 0
+
+
 def _verify(cache: Any, plan: Any, model_dir: str | None) -> int:
     """Rebuild the plan for the model and run its canary: 0 when it still holds, 1 if stale."""
     from autocpu.accuracy import Tolerance
@@ -267,6 +292,25 @@ def _verify(cache: Any, plan: Any, model_dir: str | None) -> int:
         f"(rel diff {report.max_rel:.1e}, cosine {report.min_cosine:.6f})"
     )
     return 0 if report.passed else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from autocpu.bench import bench, matching_plan
+    from autocpu.inputs import normalize_inputs, synthesize_inputs
+    from autocpu.models import load_model_dir
+    from autocpu.plans import PlanCache
+
+    cache = PlanCache(args.cache_dir)
+    model = load_model_dir(args.model_dir, args.task)
+    inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    plan = (
+        cache.find(args.plan)
+        if args.plan
+        else matching_plan(cache, model, normalize_inputs(inputs))
+    )
+    result = bench(model, inputs, plan, seconds=args.seconds, cache_dir=cache.root)
+    print(result.summary())
+    return 0 if result.accuracy.passed else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -347,11 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--json", action="store_true", help="print the plan as JSON")
     tune.set_defaults(func=cmd_tune)
 
-    plans = sub.add_parser("plans", help="list, show, verify or remove cached plans")
-    plans.add_argument("action", choices=["list", "show", "verify", "rm"])
-    plans.add_argument("key", nargs="?", help="plan key or unique prefix (see 'plans list')")
+    plans = sub.add_parser("plans", help="list, show, verify, remove, export or import plans")
+    plans.add_argument("action", choices=["list", "show", "verify", "rm", "export", "import"])
+    plans.add_argument(
+        "key",
+        nargs="?",
+        help="plan key or unique prefix (see 'plans list'); for import: the bundle file",
+    )
     plans.add_argument("--json", action="store_true")
     plans.add_argument("--model", default=None, help="verify: the model directory")
+    plans.add_argument("-o", "--output", default=None, help="export: the bundle file to write")
     plans.add_argument("--cache-dir", default=None)
     plans.set_defaults(func=cmd_plans)
 
@@ -359,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("key", help="plan key or unique prefix (see 'plans list')")
     explain.add_argument("--cache-dir", default=None)
     explain.set_defaults(func=cmd_explain)
+
+    bench = sub.add_parser("bench", help="measure a plan against fp32 eager, side by side")
+    bench.add_argument("model_dir", help="folder written by save_pretrained()")
+    bench.add_argument(
+        "--plan", default=None, help="plan key (default: the newest for these inputs)"
+    )
+    bench.add_argument("--task", default=None)
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--seconds", type=float, default=20.0, help="time for the interleaved run")
+    bench.add_argument("--cache-dir", default=None)
+    bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="a self-contained HTML page (and PNGs) for a plan")
     report.add_argument("key", help="plan key or unique prefix (see 'plans list')")

@@ -107,10 +107,17 @@ class CpuInfo:
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+    def family_key(self) -> str:
+        """Coarser than the fingerprint (vendor, family, model, ISA set): plans made on another
+        machine of this key are good search seeds, not guaranteed winners."""
+        raw = json.dumps([self.vendor, self.family, self.model, sorted(self.flags)])
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["flags"] = list(self.flags)
         data["fingerprint"] = self.fingerprint()
+        data["family_key"] = self.family_key()
         data["native_bf16"] = self.native_bf16
         data["fast_int8"] = self.fast_int8
         return data

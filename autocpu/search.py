@@ -273,9 +273,13 @@ class Search:
         timeout: float | None,
         progress: ProgressCallback | None = None,
         lossy: bool = True,
+        seeds: list[tuple[str, dict[str, Any]]] = (),
     ) -> None:
         self.executor = executor
         self.lossy = lossy
+        self.seeds = [
+            (name, params) for name, params in seeds if name in {b.name for b in backends}
+        ]
         self.study = study
         self.spec = spec
         self.backends = {b.name: b for b in backends}
@@ -322,10 +326,11 @@ class Search:
     def _run_study(self) -> None:
         if not self.backends:
             return
-        for backend in self.backends.values():
-            defaults = backend.defaults(self.hw)
+        first = [*self.seeds, *((b.name, b.defaults(self.hw)) for b in self.backends.values())]
+        for name, params in first:  # shipped plans' winners, then each backend's defaults
+            backend = self.backends[name]
             self.study.enqueue_trial(
-                {"backend": backend.name, **{backend.key(k): v for k, v in defaults.items()}},
+                {"backend": name, **{backend.key(k): v for k, v in params.items()}},
                 skip_if_exists=True,
             )
         remaining = None if self.n_trials is None else self.n_trials - self._finished()

@@ -26,6 +26,8 @@ class TunedModel(torch.nn.Module):
         self.runner = runner
         self.plan = plan
         self.from_cache = from_cache
+        #: Where the plan came from: "search", "cache" or "tuning_db".
+        self.source = "cache" if from_cache else "search"
         self._arg_names = _positional_names(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -45,7 +47,7 @@ class TunedModel(torch.nn.Module):
         return explain_table(self.plan)
 
     def __repr__(self) -> str:
-        source = "cached plan" if self.from_cache else "new plan"
+        source = {"search": "new plan", "cache": "cached plan"}.get(self.source, self.source)
         return f"TunedModel({type(self.model).__name__}, {self.plan.summary()}, {source})"
 
 

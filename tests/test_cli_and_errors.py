@@ -66,6 +66,20 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
     reported = run_cli("report", plan["key"][:6], "-o", str(cache_dir / "report"), cache=cache_dir)
     assert reported.returncode == 0, reported.stderr
     assert (cache_dir / "report" / f"report-{plan['key'][:12]}.html").is_file()
+    benched = run_cli(
+        "bench",
+        str(model_dir),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--seconds",
+        "1",
+        cache=cache_dir,
+    )
+    assert benched.returncode == 0 and "speedup" in benched.stdout, benched.stderr
+    exported = run_cli("plans", "export", "-o", str(cache_dir / "b.json"), cache=cache_dir)
+    assert exported.returncode == 0 and "exported 1 plan(s)" in exported.stdout
     explained = run_cli("explain", plan["key"][:6], cache=cache_dir)
     assert explained.returncode == 0 and "WINNER: " in explained.stdout
     verified = run_cli(

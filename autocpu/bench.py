@@ -1,0 +1,107 @@
+"""``autocpu bench``: the check a user runs to trust a plan on their machine.
+
+Rebuilds the plan's winner (timing that one-time cost), compares its outputs with fp32 eager on
+the same inputs, and measures both interleaved in one run, so the speedup is a ratio taken side
+by side rather than two numbers from different moments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
+from autocpu.api import apply_plan
+from autocpu.backends.base import Runner
+from autocpu.errors import AutocpuError
+from autocpu.hardware import probe
+from autocpu.inputs import normalize_inputs, signature
+from autocpu.measure import Comparison, interleaved
+from autocpu.models import model_fingerprint
+from autocpu.plans import Plan, PlanCache
+from autocpu.search import workload
+
+
+@dataclass
+class BenchResult:
+    plan: Plan
+    comparison: Comparison
+    accuracy: AccuracyReport
+    build_s: float
+    first_call_s: float
+
+    def summary(self) -> str:
+        base, tuned = self.comparison.stats["baseline"], self.comparison.stats["tuned"]
+        low, high = self.comparison.speedup_iqr["tuned"]
+        verdict = (
+            "outputs within tolerance"
+            if self.accuracy.passed
+            else ("OUTPUTS OUTSIDE TOLERANCE: " + "; ".join(self.accuracy.failures[:2]))
+        )
+        return "\n".join(
+            [
+                f"plan {self.plan.key[:12]}: {self.plan.backend} {self.plan.params}",
+                f"speedup {self.comparison.speedup['tuned']:.2f}x (IQR {low:.2f}-{high:.2f}) over "
+                f"fp32 eager, {self.comparison.rounds} interleaved rounds",
+                f"  tuned    median {tuned.median_ms:.2f} ms, p90 {tuned.p90_ms:.2f} ms",
+                f"  baseline median {base.median_ms:.2f} ms, p90 {base.p90_ms:.2f} ms",
+                f"accuracy: relative diff {self.accuracy.max_rel:.2e}, cosine "
+                f"{self.accuracy.min_cosine:.6f}, max abs {self.accuracy.max_abs:.2e}: {verdict}",
+                f"one-time cost: build {self.build_s:.2f} s, first call {self.first_call_s:.2f} s",
+            ]
+        )
+
+
+def matching_plan(cache: PlanCache, model: torch.nn.Module, batches: list[dict]) -> Plan:
+    """The newest cached plan for this model, these input shapes and this machine."""
+    fingerprint, inputs, machine = model_fingerprint(model), signature(batches), probe()
+    found = [
+        p
+        for p in cache.all()
+        if p.model == fingerprint
+        and p.inputs == inputs
+        and p.machine.get("fingerprint") == machine.fingerprint()
+    ]
+    if not found:
+        raise AutocpuError(
+            "no cached plan for this model, these input shapes and this machine",
+            "run 'autocpu tune' with the same --batch-size/--seq-len first, or pass --plan KEY",
+        )
+    return max(found, key=lambda p: p.created)
+
+
+def bench(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    plan: Plan,
+    *,
+    seconds: float = 20.0,
+    cache_dir: str | Path | None = None,
+) -> BenchResult:
+    batches = normalize_inputs(example_inputs)
+    default_threads = torch.get_num_threads()
+    started = time.perf_counter()
+    tuned = apply_plan(model, plan, batches, cache_dir=cache_dir)
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    outputs = [tuned(**batch) for batch in batches]
+    first_call_s = time.perf_counter() - started
+    with torch.inference_mode():
+        references = [model(**batch) for batch in batches]
+    accuracy = compare_batches(references, outputs, Tolerance(**plan.tolerance), batches)
+    baseline = Runner(model, threads=default_threads)
+    try:
+        comparison = interleaved(
+            {"baseline": workload(baseline, batches), "tuned": workload(tuned, batches)},
+            "baseline",
+            min_rounds=15,
+            max_rounds=400,
+            max_time_s=seconds,
+        )
+    finally:
+        torch.set_num_threads(default_threads)
+    return BenchResult(plan, comparison, accuracy, build_s, first_call_s)

@@ -1,0 +1,118 @@
+"""Plans that travel: one-file bundles (``autocpu plans export/import``) and the shipped
+``tuning_db/`` of pre-tuned plans, like TVM's TopHub.
+
+A bundle is JSON: every plan with its canary (base64), so an imported plan checks itself on
+its first use like a locally tuned one. ``tune()`` looks in the tuning database after the user
+cache: a plan with the exact key is used without searching; plans for the same model on the
+same CPU family and ISA only seed the search (their settings are tried first).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autocpu.errors import AutocpuError
+from autocpu.plans import Plan, PlanCache, atomic_write
+
+BUNDLE_FORMAT = 1
+#: Overrides where the tuning database is read from.
+TUNING_DB_ENV = "AUTOCPU_TUNING_DB"
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    plan: Plan
+    canary: bytes | None
+
+
+def export_bundle(cache: PlanCache, keys: list[str], path: Path) -> list[Plan]:
+    """Write the plans (all, or those whose keys start with ``keys``) into one file."""
+    plans = [cache.find(k) for k in keys] if keys else cache.all()
+    entries = []
+    for plan in plans:
+        canary = cache.canary_path(plan.key)
+        entries.append(
+            {
+                "plan": json.loads(plan.to_json()),
+                "canary": base64.b64encode(canary.read_bytes()).decode()
+                if canary.exists()
+                else None,
+            }
+        )
+    atomic_write(path, json.dumps({"autocpu_bundle": BUNDLE_FORMAT, "plans": entries}, indent=1))
+    return plans
+
+
+def read_bundle(path: Path) -> list[SharedPlan]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("autocpu_bundle") != BUNDLE_FORMAT:
+            raise ValueError(f"not an autocpu bundle of format {BUNDLE_FORMAT}")
+        return [
+            SharedPlan(
+                Plan.from_dict(entry["plan"]),
+                base64.b64decode(entry["canary"]) if entry.get("canary") else None,
+            )
+            for entry in data["plans"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AutocpuError(
+            f"cannot read plan bundle {path} ({type(error).__name__}: {str(error)[:120]})",
+            "pass a file written by 'autocpu plans export'",
+        ) from None
+
+
+def install(cache: PlanCache, shared: SharedPlan) -> None:
+    """Put a shared plan (and its canary) into the cache, as if tuned here."""
+    if shared.canary is not None:
+        canary = cache.canary_path(shared.plan.key)
+        canary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = canary.with_suffix(".tmp")
+        tmp.write_bytes(shared.canary)
+        os.replace(tmp, canary)
+    cache.save(shared.plan)
+
+
+def import_bundle(cache: PlanCache, path: Path) -> list[Plan]:
+    shared = read_bundle(path)
+    for entry in shared:
+        install(cache, entry)
+    return [entry.plan for entry in shared]
+
+
+def tuning_db_dir() -> Path:
+    """``AUTOCPU_TUNING_DB``, else the ``tuning_db/`` folder beside the package."""
+    override = os.environ.get(TUNING_DB_ENV)
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "tuning_db"
+
+
+def tuning_db() -> list[SharedPlan]:
+    folder = tuning_db_dir()
+    if not folder.is_dir():
+        return []
+    return [entry for path in sorted(folder.glob("*.json")) for entry in read_bundle(path)]
+
+
+def shipped_plan(key: str) -> SharedPlan | None:
+    """The tuning database's plan for exactly this key (model, inputs, machine, tolerance)."""
+    return next((entry for entry in tuning_db() if entry.plan.key == key), None)
+
+
+def seeds(model: dict[str, str], family: str) -> list[tuple[str, dict[str, Any]]]:
+    """Winning settings of shipped plans for this architecture and config on the same CPU
+    family and ISA set: worth trying first, not trusting blindly."""
+    found = []
+    for entry in tuning_db():
+        plan = entry.plan
+        same_model = (plan.model.get("architecture"), plan.model.get("config")) == (
+            model.get("architecture"),
+            model.get("config"),
+        )
+        if same_model and plan.machine.get("family_key") == family:
+            found.append((plan.backend, plan.params))
+    return found

@@ -1,0 +1,72 @@
+"""Plans that travel: export/import bundles, the shipped tuning database, and bench."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_inputs, tiny_model
+
+import autocpu
+from autocpu.accuracy import Tolerance, compare_outputs
+from autocpu.bench import bench
+from autocpu.errors import AutocpuError
+from autocpu.plans import PlanCache
+from autocpu.sharing import export_bundle, import_bundle
+
+FAST = ["eager", "torchscript"]
+
+
+def tune_here(*args, **kwargs):
+    return autocpu.tune(*args, isolation="none", **kwargs)
+
+
+def test_export_then_import_on_another_cache_reuses_the_plan(tmp_path, cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = tune_here(model, inputs, n_trials=3, backends=FAST)
+    bundle = tmp_path / "plans.json"
+    assert [p.key for p in export_bundle(PlanCache(), [], bundle)] == [tuned.plan.key]
+    other = PlanCache(tmp_path / "other-machine-cache")
+    assert [p.key for p in import_bundle(other, bundle)] == [tuned.plan.key]
+    assert other.canary_path(tuned.plan.key).exists()  # it keeps checking itself
+    calls = []
+    again = tune_here(
+        model, inputs, n_trials=3, backends=FAST, cache_dir=other.root, progress=calls.append
+    )
+    assert again.from_cache and calls == []
+    with pytest.raises(AutocpuError, match="cannot read plan bundle"):
+        import_bundle(other, tmp_path / "missing.json")
+
+
+def test_tuning_db_exact_match_is_used_and_family_match_seeds(tmp_path, cache_dir, monkeypatch):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    shipped = tune_here(model, inputs, n_trials=3, backends=FAST)
+    db = tmp_path / "tuning_db"
+    db.mkdir()
+    export_bundle(PlanCache(), [], db / "tiny-bert.json")
+    monkeypatch.setenv("AUTOCPU_TUNING_DB", str(db))
+    fresh_cache = tmp_path / "fresh-cache"
+    calls = []
+    used = tune_here(
+        model, inputs, n_trials=3, backends=FAST, cache_dir=fresh_cache, progress=calls.append
+    )
+    assert used.source == "tuning_db" and calls == []
+    assert used.plan.key == shipped.plan.key
+    assert compare_outputs(model(**inputs), used(**inputs), Tolerance.strict()).passed
+    # Other input shapes: no exact match, but the shipped winner is tried first.
+    other_inputs = tiny_inputs("bert", seq=12)
+    seeded = tune_here(
+        model, other_inputs, n_trials=3, backends=FAST, cache_dir=fresh_cache, progress=calls.append
+    )
+    assert seeded.source == "search"
+    first = next(e.record for e in calls if e.started)
+    assert (first.backend, first.params) == (shipped.plan.backend, shipped.plan.params)
+
+
+def test_bench_measures_the_plan_side_by_side(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    tuned = tune_here(model, inputs, n_trials=3, backends=FAST)
+    result = bench(model, inputs, tuned.plan, seconds=1.0)
+    assert result.comparison.rounds >= 15
+    assert result.accuracy.passed and result.build_s > 0
+    assert set(result.comparison.stats) == {"baseline", "tuned"}
+    text = result.summary()
+    assert "speedup" in text and "outputs within tolerance" in text
