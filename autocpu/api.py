@@ -71,9 +71,8 @@ def reference_outputs(spec: ModelSpec, batches: list[Batch]) -> list[Any]:
         with torch.inference_mode():
             return [spec.model(**batch) for batch in batches]
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise AutocpuError(
-            f"the model rejected example_inputs ({type(error).__name__}: {first})",
+            f"the model rejected example_inputs ({one_line(error)})",
             "pass the inputs you call the model with, e.g. tokenizer(texts, return_tensors='pt')",
         ) from error
 
@@ -111,9 +110,9 @@ def _make_plan(
     result: SearchResult,
     skipped: list[TrialRecord],
     seconds: float,
+    versions: dict[str, str],
 ) -> Plan:
     winner = result.winner
-    backend_packages = sorted({p for b in all_backends() for p in b.requires})
     return Plan(
         key=key,
         backend=winner.backend,
@@ -123,7 +122,7 @@ def _make_plan(
         inputs=signature(batches),
         machine={**hw.to_dict(), "fingerprint": hw.fingerprint()},
         tolerance=tolerance.to_dict(),
-        versions=current_versions(backend_packages),
+        versions=versions,
         backends=backends,
         baseline=result.baseline.to_dict(),
         winner=result.winner_stats.to_dict(),
@@ -210,9 +209,8 @@ def tune(
         lossy=tol.admits_lossy,
         seeds=sharing.seeds(spec.fingerprint, hw.family_key()),
     ).run()
-    plan = _make_plan(
-        key, spec, batches, hw, tol, backends, result, skipped, time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    plan = _make_plan(key, spec, batches, hw, tol, backends, result, skipped, seconds, versions)
     plan.measured_in = executor.mode
     plan.cpu_busy_percent = busy
     plan.study_trials = result.study_trials
