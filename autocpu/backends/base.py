@@ -143,18 +143,17 @@ class Backend(ABC):
         return None
 
 
-#: Loggers of the stacks backends drive; their build-time chatter ("consider pre-processing
-#: before quantization", "could not infer whether the model was already converted") is noise.
-_NOISY_LOGGERS = ("", "optimum", "transformers", "nncf", "torch.onnx", "onnxruntime")
-
-
 @contextlib.contextmanager
 def quiet_build_logs() -> Iterator[None]:
-    """Silence third-party INFO/WARNING logs and tracer warnings while building a candidate."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    """Silence log records up to WARNING and tracer warnings while building a candidate.
+
+    The stacks backends drive chatter at build time ("consider pre-processing before
+    quantization", "could not infer whether the model was already converted"), some through
+    loggers created mid-build with levels of their own, so the switch is process-wide and
+    temporary rather than per logger.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -162,8 +161,7 @@ def quiet_build_logs() -> Iterator[None]:
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        logging.disable(previous)
 
 
 def have_cxx_compiler() -> bool:
