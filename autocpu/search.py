@@ -327,7 +327,13 @@ class Search:
         if not self.backends:
             return
         first = [*self.seeds, *((b.name, b.defaults(self.hw)) for b in self.backends.values())]
-        for name, params in first:  # shipped plans' winners, then each backend's defaults
+        if self.lossy:
+            first += [
+                (b.name, params)
+                for b in self.backends.values()
+                for params in b.lossy_defaults(self.spec, self.hw)
+            ]
+        for name, params in first:  # shipped winners, each backend's defaults, lossy recipes
             backend = self.backends[name]
             self.study.enqueue_trial(
                 {"backend": name, **{backend.key(k): v for k, v in params.items()}},

@@ -165,3 +165,24 @@ def test_a_plan_whose_outputs_drifted_is_stale_and_retuned(cache_dir):
         again = tune_here(model, inputs, n_trials=3, backends=FAST)
     assert not again.from_cache
     assert tune_here(model, inputs, n_trials=3, backends=FAST).from_cache  # fresh canary
+
+
+def test_a_loose_tolerance_tries_the_usual_lossy_recipes_first(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    calls = []
+    tune_here(
+        model,
+        inputs,
+        n_trials=3,
+        backends=["eager"],
+        cache=False,
+        tolerance="int8",
+        progress=calls.append,
+    )
+    tried = [e.record.params["precision"] for e in calls if e.started]
+    expected = (
+        ["fp32", "bf16_weights", "int8_dynamic"]
+        if autocpu.probe().native_bf16
+        else ["fp32", "int8_dynamic"]
+    )
+    assert tried[: len(expected)] == expected

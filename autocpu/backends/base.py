@@ -97,6 +97,11 @@ class Backend(ABC):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         """The settings a user following the backend's own docs would use; tried first."""
 
+    def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """The usual bf16/int8 recipes, tried right after the defaults when the tolerance
+        admits them (TPE may otherwise not draw them within a small budget)."""
+        return []
+
     @abstractmethod
     def suggest(
         self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True

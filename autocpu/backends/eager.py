@@ -142,6 +142,10 @@ class EagerBackend(Backend):
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         return {"attention": "sdpa", "precision": "fp32", "threads": hw.usable_cpus}
 
+    def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        lossy = [p for p in precisions_for(hw) if p in ("bf16_weights", "int8_dynamic")]
+        return [{**self.defaults(hw), "precision": precision} for precision in lossy]
+
     def suggest(
         self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
     ) -> dict[str, Any]:

@@ -79,6 +79,14 @@ class OpenVinoBackend(common.OptimumBackend):
             "pinning": True,
         }
 
+    def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """bf16 inference (OpenVINO's own default on such CPUs), and int8 weights on top."""
+        precision = "bf16" if hw.native_bf16 else "f32"
+        recipes = [{**self.defaults(hw), "precision": "bf16"}] if hw.native_bf16 else []
+        if nncf_installed():
+            recipes.append({**self.defaults(hw), "weights": "int8", "precision": precision})
+        return recipes
+
     def suggest(
         self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
     ) -> dict[str, Any]:
