@@ -83,3 +83,12 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def cache_dir(_isolated_cache: Path) -> Path:
     return _isolated_cache
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A tiny BERT classifier saved with a tokenizer, as the CLI loads models."""
+    directory = tmp_path / "tiny-bert-cls"
+    tiny_model("bert", "AutoModelForSequenceClassification").save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory

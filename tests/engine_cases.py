@@ -62,3 +62,15 @@ def max_diff(outputs: dict, case: Case, key: str) -> float:
 def cosine(outputs: dict, case: Case, key: str) -> float:
     got, expected = _pair(outputs, case, key)
     return float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))
+
+
+def generated_tokens(backend: Backend, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens from the backend's KV-cached export and from torch, for the same prompt."""
+    params = backend.defaults(probe())
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.with_past
+    model = backend.bind(built, params).fn
+    prompt = case.inputs["input_ids"][:1]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), expected

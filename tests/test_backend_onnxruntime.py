@@ -16,7 +16,7 @@ pytest.importorskip("optimum.onnxruntime")
 
 import optuna
 from conftest import tiny_config
-from engine_cases import MODELS, Case, cosine, make_cases, max_diff, run
+from engine_cases import MODELS, Case, cosine, generated_tokens, make_cases, max_diff, run
 from transformers import (
     BertLMHeadModel,
     CTRLConfig,
@@ -193,15 +193,7 @@ def test_session_gets_the_runtime_params(backend: OnnxRuntimeBackend, cases: dic
 
 
 def test_generate_uses_the_kv_cache(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> None:
-    case = cases["gpt2"]
-    params = backend.defaults(probe())
-    built = backend.build(case.spec, params, case.ctx)
-    assert built.with_past
-    model = backend.bind(built, params).fn
-    prompt = case.inputs["input_ids"][:1]
-    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-    got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got, expected = generated_tokens(backend, cases["gpt2"])
     assert torch.equal(got, expected)
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("optimum.intel.openvino")
 
 import optuna
 from conftest import tiny_config
-from engine_cases import MODELS, Case, cosine, make_cases, max_diff
+from engine_cases import MODELS, Case, cosine, generated_tokens, make_cases, max_diff
 from transformers import (
     BertForMultipleChoice,
     CTRLConfig,
@@ -149,15 +149,7 @@ def test_deleted_variant_is_rebuilt(backend: OpenVinoBackend, cases: dict[str, C
 
 
 def test_generate_works(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
-    case = cases["gpt2"]
-    params = backend.defaults(probe())
-    built = backend.build(case.spec, params, case.ctx)
-    assert built.with_past
-    model = backend.bind(built, params).fn
-    prompt = case.inputs["input_ids"][:1]
-    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-    got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    got, expected = generated_tokens(backend, cases["gpt2"])
     assert torch.equal(got, expected)
 
 

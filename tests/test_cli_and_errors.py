@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model, write_tokenizer
+from conftest import tiny_inputs, tiny_model
 
 import autocpu
 from autocpu.errors import AutocpuError
@@ -26,14 +26,6 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
         env=env,
         timeout=600,
     )
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "tiny-bert-cls"
-    tiny_model("bert", "AutoModelForSequenceClassification").save_pretrained(directory)
-    write_tokenizer(directory)
-    return directory
 
 
 def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):

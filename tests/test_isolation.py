@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model, write_tokenizer
+from conftest import tiny_inputs, tiny_model
 from misbehaving_backends import ALL as MISBEHAVING
 
 import autocpu
@@ -60,28 +60,26 @@ def cli(*args, cache, **kwargs):
     )
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    directory = tmp_path / "tiny-bert"
-    tiny_model("bert").save_pretrained(directory)
-    write_tokenizer(directory)
-    return directory
-
-
-def test_a_tune_killed_with_sigkill_resumes_without_repeating_trials(model_dir, cache_dir):
-    args = (
+def tune_args(model_dir, trials: int, *extra: str) -> tuple[str, ...]:
+    """A quick in-process CLI tune of the tiny model, printing the plan as JSON."""
+    return (
         "tune",
         str(model_dir),
         "--seq-len",
         "16",
         "--trials",
-        "7",
+        str(trials),
         "--isolation",
         "none",
         "--backends",
         "eager,torchscript",
+        *extra,
         "--json",
     )
+
+
+def test_a_tune_killed_with_sigkill_resumes_without_repeating_trials(model_dir, cache_dir):
+    args = tune_args(model_dir, 7)
     first = cli(*args, cache=cache_dir)
     seen = []
     for line in first.stdout:
@@ -105,19 +103,7 @@ def test_a_tune_killed_with_sigkill_resumes_without_repeating_trials(model_dir, 
 
 
 def test_two_concurrent_tunes_on_one_cache(model_dir, cache_dir):
-    args = (
-        "tune",
-        str(model_dir),
-        "--seq-len",
-        "16",
-        "--trials",
-        "4",
-        "--isolation",
-        "none",
-        "--backends",
-        "eager,torchscript",
-        "--json",
-    )
+    args = tune_args(model_dir, 4)
     procs = [cli(*args, cache=cache_dir) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -149,21 +135,7 @@ def test_two_machines_share_one_study_in_postgresql(model_dir, tmp_path):
 
     for name in optuna.get_all_study_names(POSTGRES):  # a clean study per run
         optuna.delete_study(study_name=name, storage=POSTGRES)
-    args = (
-        "tune",
-        str(model_dir),
-        "--seq-len",
-        "16",
-        "--trials",
-        "6",
-        "--isolation",
-        "none",
-        "--backends",
-        "eager,torchscript",
-        "--storage",
-        POSTGRES,
-        "--json",
-    )
+    args = tune_args(model_dir, 6, "--storage", POSTGRES)
     caches = [tmp_path / "machine-a", tmp_path / "machine-b"]
     procs = []
     for cache in caches:
