@@ -26,12 +26,14 @@ from autocpu.models import ModelSpec, make_spec
 from autocpu.outputs import named_tensors
 from autocpu.plans import Plan, PlanCache, current_versions, plan_key, versions_id
 from autocpu.search import (
+    SEARCH_STRATEGIES,
     Executor,
     ProgressCallback,
     Search,
     SearchResult,
     TrialRecord,
     TrialRunner,
+    make_sampler,
     one_line,
 )
 from autocpu.storage import open_study
@@ -155,6 +157,7 @@ def tune(
     storage: str | None = None,
     trial_timeout: float = DEFAULT_TRIAL_TIMEOUT_S,
     memory_limit_gb: float | None = None,
+    search: str = "tpe",
 ) -> TunedModel:
     """Find the fastest way to run ``model`` on this CPU within ``tolerance``.
 
@@ -167,15 +170,21 @@ def tune(
     failed trial, not a dead process; ``"none"`` runs them here (faster, no protection). The
     study lives in ``storage`` (an Optuna URL, e.g. PostgreSQL shared by identical machines) or
     in a journal file in the cache: an interrupted tune resumes where it stopped.
+
+    ``search="exhaustive"`` measures every point of the search space (Optuna's
+    BruteForceSampler) instead of TPE's sample; with no ``n_trials``/``timeout`` it runs until
+    the space is exhausted, which takes far longer: it is the benchmark's oracle.
     """
     tol = Tolerance.parse(tolerance)
-    _check_budget(n_trials, timeout, trial_timeout, memory_limit_gb, isolation)
+    _check_options(n_trials, timeout, trial_timeout, memory_limit_gb, isolation, search)
     selected = select_backends(backends)
     spec = make_spec(model, task)
     batches = normalize_inputs(example_inputs)
     hw = probe()
     plans = PlanCache(Path(cache_dir) if cache_dir else None)
-    key = plan_key(spec.fingerprint, signature(batches), hw.fingerprint(), tol.to_dict(), backends)
+    key = plan_key(
+        spec.fingerprint, signature(batches), hw.fingerprint(), tol.to_dict(), backends, search
+    )
     if cache:
         cached = _cached_model(plans, key, spec, batches, hw) or _shipped_model(
             plans, key, spec, batches, hw
@@ -193,18 +202,19 @@ def tune(
     versions = current_versions(sorted({p for b in all_backends() for p in b.requires}))
     study_key = f"{key}-{versions_id(versions)}"
     study = (
-        open_study(study_key, hw.fingerprint(), plans.root, storage)
+        open_study(study_key, hw.fingerprint(), plans.root, storage, make_sampler(search))
         if cache or storage
-        else open_study_in_memory()
+        else open_study_in_memory(search)
     )
+    budgeted = n_trials is not None or timeout is not None or search == "exhaustive"
     result = Search(
         executor,
         study,
         spec,
         eligible,
         hw,
-        n_trials=n_trials if n_trials is not None or timeout is not None else DEFAULT_TRIALS,
-        timeout=timeout if timeout is not None or n_trials is not None else DEFAULT_TIMEOUT_S,
+        n_trials=n_trials if budgeted else DEFAULT_TRIALS,
+        timeout=timeout if budgeted else DEFAULT_TIMEOUT_S,
         progress=progress,
         lossy=tol.admits_lossy,
         seeds=sharing.seeds(spec.fingerprint, hw.family_key()),
@@ -214,6 +224,7 @@ def tune(
     plan.measured_in = executor.mode
     plan.cpu_busy_percent = busy
     plan.study_trials = result.study_trials
+    plan.search = search
     if cache:
         save_canary(plans.canary_path(key), batches[0], spec.model)
         plans.save(plan)
@@ -239,12 +250,13 @@ def busy_percent() -> float:
     return busy
 
 
-def _check_budget(
+def _check_options(
     n_trials: int | None,
     timeout: float | None,
     trial_timeout: float,
     memory_limit_gb: float | None,
     isolation: str,
+    search: str,
 ) -> None:
     if n_trials is not None and n_trials < 1:
         raise AutocpuError(f"n_trials={n_trials} is not positive", "pass n_trials >= 1")
@@ -264,6 +276,11 @@ def _check_budget(
         raise AutocpuError(
             f"isolation={isolation!r} is not known",
             "use 'process' (worker processes) or 'none' (in this process)",
+        )
+    if search not in SEARCH_STRATEGIES:
+        raise AutocpuError(
+            f"search={search!r} is not known",
+            "use 'tpe' (a budgeted sample) or 'exhaustive' (every point of the space)",
         )
 
 
@@ -303,9 +320,8 @@ def _executor(
     return IsolatedExecutor(job, trial_timeout, limit)
 
 
-def open_study_in_memory() -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
-    return optuna.create_study(direction="minimize", sampler=sampler)
+def open_study_in_memory(strategy: str) -> optuna.Study:
+    return optuna.create_study(direction="minimize", sampler=make_sampler(strategy))
 
 
 def _cached_model(

@@ -201,6 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             storage=args.storage,
             trial_timeout=args.trial_timeout,
             memory_limit_gb=args.memory_limit_gb,
+            search=args.search,
         )
     plan = tuned.plan
     if args.json:
@@ -362,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--trials", type=int, default=None, help="trial budget (default 20)")
     tune.add_argument("--timeout", type=float, default=None, help="time budget in seconds")
+    tune.add_argument(
+        "--search",
+        choices=["tpe", "exhaustive"],
+        default="tpe",
+        help="tpe: a budgeted sample (default); exhaustive: every point of the space (slow)",
+    )
     tune.add_argument(
         "--backends", default=None, help="comma-separated subset, e.g. eager,torchscript"
     )

@@ -53,18 +53,22 @@ def plan_key(
     machine: str,
     tolerance: dict[str, Any],
     backends: list[str] | None,
+    search: str = "tpe",
 ) -> str:
-    """What a plan is valid for. Versions are checked on load instead, to say what changed."""
-    raw = json.dumps(
-        {
-            "model": model,
-            "inputs": inputs,
-            "machine": machine,
-            "tolerance": tolerance,
-            "backends": sorted(backends) if backends else "all",
-        },
-        sort_keys=True,
-    )
+    """What a plan is valid for. Versions are checked on load instead, to say what changed.
+
+    An exhaustive search gets keys of its own (TPE keys stay as they were), so asking for the
+    sweep never returns a sampled plan."""
+    identity = {
+        "model": model,
+        "inputs": inputs,
+        "machine": machine,
+        "tolerance": tolerance,
+        "backends": sorted(backends) if backends else "all",
+    }
+    if search != "tpe":
+        identity["search"] = search
+    raw = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -92,6 +96,7 @@ class Plan:
     trials: list[dict[str, Any]] = field(default_factory=list)
     tune_seconds: float = 0.0
     study_trials: int = 0
+    search: str = "tpe"
     cpu_busy_percent: float = 0.0
     measured_in: str = "in-process"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -35,6 +36,17 @@ NOISE = 0.03
 GIVE_UP_FACTOR = 1.5
 FINALISTS = 3
 BUILD_CACHE_SIZE = 3
+#: How the study picks candidates: Optuna's TPE within a budget, or every point of the space
+#: (Optuna's BruteForceSampler; the benchmark's oracle, and for users who can afford it).
+SEARCH_STRATEGIES = ("tpe", "exhaustive")
+
+
+def make_sampler(strategy: str, seed: int = 0) -> optuna.samplers.BaseSampler:
+    if strategy == "exhaustive":
+        with warnings.catch_warnings():  # experimental since Optuna 3.1, stable in use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.BruteForceSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 
 from autocpu.errors import AutocpuError
+from autocpu.search import make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,14 @@ def _move_aside(path: Path, cache_root: Path, error: Exception) -> None:
 
 
 def open_study(
-    key: str, machine: str, cache_root: Path, storage: str | None = None, seed: int = 0
+    key: str,
+    machine: str,
+    cache_root: Path,
+    storage: str | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
     """Create or resume the study for ``key``; refuse one measured on another machine."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    sampler = sampler or make_sampler("tpe")
     name = study_name(key)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -186,3 +186,26 @@ def test_a_loose_tolerance_tries_the_usual_lossy_recipes_first(cache_dir):
         else ["fp32", "int8_dynamic"]
     )
     assert tried[: len(expected)] == expected
+
+
+def test_exhaustive_search_measures_every_point_of_the_space_once(cache_dir):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    threads = autocpu.probe().usable_cpus
+    tuned = tune_here(model, inputs, backends=["torchscript"], search="exhaustive")
+    plan = tuned.plan
+    # freeze+optimize, freeze alone, neither; each at every thread count from 1 to usable_cpus
+    assert plan.study_trials == 3 * threads and plan.search == "exhaustive"
+    measured = {
+        (t["params"]["freeze"], t["params"]["optimize"], t["params"]["threads"])
+        for t in plan.trials
+        if t["backend"] == "torchscript"
+    }
+    combos = [(True, True), (True, False), (False, False)]
+    assert measured == {(f, o, n) for f, o in combos for n in range(1, threads + 1)}
+    sampled = tune_here(model, inputs, backends=["torchscript"], n_trials=2)
+    assert sampled.plan.key != plan.key and not sampled.from_cache, "its own key, not TPE's"
+
+
+def test_unknown_search_strategy_is_refused_in_one_line():
+    with pytest.raises(autocpu.AutocpuError, match="search='grid' is not known"):
+        tune_here(tiny_model("bert"), tiny_inputs("bert"), search="grid")
