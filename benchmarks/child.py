@@ -1,0 +1,110 @@
+"""One measurement that needs a fresh process: ``python -m benchmarks.child MODE ...``.
+
+``tune`` runs autocpu.tune() as a user would (worker processes and all) and reports its wall
+time and the peak memory of its whole process tree; ``reload`` times the next process's cache
+hit and its serving memory; ``serve`` gives the plain model's serving memory for comparison.
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import threading
+import time
+import warnings
+from typing import Any
+
+import psutil
+import torch
+
+import autocpu
+from autocpu.inputs import synthesize_inputs
+from autocpu.models import load_model_dir
+
+SERVE_SECONDS = 5.0
+
+
+class PeakTreeRss:
+    """Highest summed RSS of this process and its children, sampled every 100 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.1):
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a worker that just exited
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakTreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def own_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def serve(model: Any, batch: dict[str, torch.Tensor]) -> int:
+    calls, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < SERVE_SECONDS:
+            model(**batch)
+            calls += 1
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["tune", "reload", "serve"])
+    parser.add_argument("model_dir")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--tolerance", default="strict")
+    parser.add_argument("--search", default="tpe")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--isolation", default="process")
+    parser.add_argument("--cache-dir", required=True)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    model = load_model_dir(args.model_dir, args.task)
+    batch = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    if args.mode == "serve":
+        serve(model, batch)
+        print(json.dumps({"serving_rss_mb": own_peak_rss_mb()}))
+        return
+    options = {"tolerance": args.tolerance, "search": args.search, "cache_dir": args.cache_dir}
+    options |= {"n_trials": args.trials, "isolation": args.isolation}
+    started = time.perf_counter()
+    if args.mode == "tune":
+        with PeakTreeRss() as peak:
+            tuned = autocpu.tune(model, batch, **options)
+        result = {"tune_s": time.perf_counter() - started, "tune_peak_rss_mb": peak.peak / 2**20}
+        if tuned.from_cache:  # an interrupted suite resumed: report the original search
+            result |= {"tune_s": tuned.plan.tune_seconds, "tune_peak_rss_mb": None}
+    else:
+        tuned = autocpu.tune(model, batch, **options)
+        result = {"reload_s": time.perf_counter() - started, "from_cache": tuned.from_cache}
+        serve(tuned, batch)
+        result["serving_rss_mb"] = own_peak_rss_mb()
+    plan = tuned.plan
+    result |= {"key": plan.key, "backend": plan.backend, "params": plan.params}
+    result |= {"speedup_at_tune": plan.speedup, "study_trials": plan.study_trials}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

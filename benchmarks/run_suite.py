@@ -1,0 +1,302 @@
+"""The benchmark suite: every model and shape, by-hand columns against autocpu's plans and the
+oracle, all measured side by side in one interleaved run per model and shape.
+
+    python -m benchmarks.run_suite                       # the whole matrix (hours on 2 cores)
+    python -m benchmarks.run_suite --models bert-base --shapes b1s128
+
+Results accumulate in ``benchmarks/results/<machine fingerprint>.json`` (a finished model and
+shape is skipped unless ``--force``), so the matrix can be filled in over several runs; the
+markdown table and PNG chart beside it are rewritten from the JSON after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import autocpu
+from autocpu.accuracy import Tolerance, compare_outputs
+from autocpu.backends import all_backends
+from autocpu.backends.base import Runner, quiet_build_logs
+from autocpu.errors import AutocpuError
+from autocpu.inputs import synthesize_inputs
+from autocpu.measure import interleaved
+from autocpu.models import load_model_dir
+from autocpu.outputs import named_tensors
+from autocpu.plans import PlanCache, current_versions
+from autocpu.search import workload
+from autocpu.sharing import SharedPlan, export_bundle, install
+from benchmarks import render
+from benchmarks.by_hand import BY_HAND, Column, build_column
+from benchmarks.limits import flops_per_call, gemm_peaks
+from benchmarks.zoo import MODELS, materialize
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"b1s128": (1, 128), "b8s128": (8, 128), "b1s16": (1, 16)}
+TOLERANCES = ("strict", "bf16", "int8")
+DEFAULT_MODELS = ("bert-base", "distilbert-base", "roberta-base", "gpt2", "all-MiniLM-L6-v2")
+#: Seconds of interleaved rounds per model and shape (at least MIN_ROUNDS rounds).
+MEASURE_SECONDS = {"b1s128": 90.0, "b8s128": 180.0, "b1s16": 5.0}
+MIN_ROUNDS = 10
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def child(
+    mode: str, model_dir: Path, task: str, shape: str, cache: Path, **options: str | None
+) -> dict:
+    """Run ``benchmarks.child`` in a fresh process with an empty tuning database (the suite
+    measures searches, so shipped plans must not answer for it)."""
+    batch_size, seq_len = SHAPES[shape]
+    command = [sys.executable, "-m", "benchmarks.child", mode, str(model_dir), "--task", task]
+    command += ["--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    command += ["--cache-dir", str(cache)]
+    for name, value in options.items():
+        command += [f"--{name}", value] if value is not None else []
+    env = {**os.environ, "AUTOCPU_TUNING_DB": str(cache / "no-tuning-db")}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[3:6])} failed: {done.stderr.strip()[-600:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan_precision(backend: str, params: dict[str, Any]) -> str:
+    """The precision a plan's matrix math runs in (OpenVINO's int8 is weights-only storage)."""
+    if backend == "openvino":
+        return "bf16" if params.get("precision") == "bf16" else "fp32"
+    text = " ".join(str(v) for v in params.values())
+    return "int8" if "int8" in text else "bf16" if "bf16" in text else "fp32"
+
+
+def primary(output: Any) -> torch.Tensor:
+    """The main output tensor (last_hidden_state / logits / first of a tuple)."""
+    return next(iter(named_tensors(output).values()))
+
+
+def tune_columns(
+    model_dir: Path, task: str, shape: str, cache: Path, args: argparse.Namespace, oracle: bool
+) -> dict[str, dict]:
+    """Tune in fresh processes (one per tolerance, plus the exhaustive oracle), then time each
+    plan's reload in another fresh process.
+
+    The oracle's trials run in its own process (``isolation="none"``): builds are reused
+    across thread counts, which makes the sweep of ~130 points affordable; its winner is
+    re-measured interleaved with every other column like the rest.
+    """
+    found = {}
+    trials = str(args.trials) if args.trials else None
+    for tolerance in args.tolerances:
+        say(f"  tune {tolerance}")
+        tuned = child("tune", model_dir, task, shape, cache, tolerance=tolerance, trials=trials)
+        say(f"  reload {tolerance}")
+        reloaded = child("reload", model_dir, task, shape, cache, tolerance=tolerance)
+        if not reloaded["from_cache"]:
+            raise RuntimeError(f"the {tolerance} plan was not reloaded from the cache")
+        found[f"autocpu_{tolerance}"] = {**tuned, **reloaded, "tolerance": tolerance}
+    if oracle:
+        say("  oracle: exhaustive sweep, strict")
+        found["oracle_strict"] = {
+            **child("tune", model_dir, task, shape, cache, search="exhaustive", isolation="none"),
+            "tolerance": "strict",
+        }
+    return found
+
+
+def plan_column(name: str, tuned: dict, model: torch.nn.Module, batch: dict, cache: Path) -> Column:
+    started = time.perf_counter()
+    applied = autocpu.apply_plan(model, tuned["key"], batch, cache_dir=cache)
+    setup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    applied(**batch)
+    label = f"autocpu {tuned['tolerance']}" if name.startswith("autocpu") else "oracle (strict)"
+    precision = plan_precision(tuned["backend"], tuned["params"])
+    return Column(name, label, applied, precision, setup_s, time.perf_counter() - started)
+
+
+def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dict:
+    zoo = MODELS[name]
+    model_dir = materialize(name, args.work)
+    cache = args.work / "cache" / f"{name}-{shape}"
+    model = load_model_dir(model_dir, zoo.task)
+    batch = synthesize_inputs(str(model_dir), model.config, *SHAPES[shape])
+    flops = flops_per_call(model_dir, zoo.task, batch)
+    oracle = args.oracle_all or f"{name}/{shape}" in args.oracle
+    tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
+    say("  serving memory of the plain model")
+    baseline_rss = child("serve", model_dir, zoo.task, shape, cache)["serving_rss_mb"]
+    say("  building by-hand columns")
+    with quiet_build_logs():
+        columns = [build_column(c, model_dir, zoo.task, batch) for c in BY_HAND]
+        columns += [plan_column(c, t, model, batch, cache) for c, t in tuned.items()]
+    with torch.inference_mode():
+        reference = primary(columns[0].run(**batch))
+    threads = torch.get_num_threads()
+    runnable = [c for c in columns if c.run is not None]
+    workloads = {c.name: workload(Runner(c.run, threads=threads), [batch]) for c in runnable}
+    say(f"  measuring {len(workloads)} columns interleaved")
+    comparison = interleaved(
+        workloads,
+        "eager",
+        min_rounds=MIN_ROUNDS,
+        max_rounds=1000,
+        max_time_s=args.seconds or MEASURE_SECONDS[shape],
+    )
+    torch.set_num_threads(threads)
+    rows = {}
+    for column in columns:
+        row: dict[str, Any] = {
+            "label": column.label,
+            "kind": "by-hand" if column.name in BY_HAND else column.name.split("_")[0],
+            "precision": column.precision,
+            "setup_s": column.setup_s,
+            "first_call_s": column.first_call_s,
+            "error": column.error,
+        }
+        if column.run is not None:
+            with torch.inference_mode():
+                output = primary(column.run(**batch))
+            accuracy = compare_outputs(
+                reference, output.float(), Tolerance.parse("strict"), batch.get("attention_mask")
+            )
+            stats = comparison.stats[column.name]
+            gflops = flops / (stats.median_ms / 1000.0) / 1e9
+            peak = peaks.get(column.precision, {}).get("gflops")
+            row |= {
+                "median_ms": stats.median_ms,
+                "p90_ms": stats.p90_ms,
+                "speedup": comparison.speedup[column.name],
+                "speedup_iqr": list(comparison.speedup_iqr[column.name]),
+                "max_abs": accuracy.max_abs,
+                "min_cosine": accuracy.min_cosine,
+                "strict_ok": accuracy.passed,
+                "gflops": gflops,
+                "fraction_of_peak": gflops / peak if peak else None,
+            }
+        row |= tuned.get(column.name, {})
+        rows[column.name] = row
+    return {
+        "model": name,
+        "model_description": zoo.description,
+        "shape": shape,
+        "batch_size": SHAPES[shape][0],
+        "seq_len": SHAPES[shape][1],
+        "gflop_per_call": flops / 1e9,
+        "rounds": comparison.rounds,
+        "baseline_serving_rss_mb": baseline_rss,
+        "columns": rows,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpu_busy_percent_before": autocpu.api.busy_percent(),
+    }
+
+
+def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
+    """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``."""
+    combined = PlanCache(work / "tuning-db-export")
+    keys = []
+    for run in results["runs"].values():
+        source = PlanCache(work / "cache" / f"{run['model']}-{run['shape']}")
+        for name, column in run["columns"].items():
+            if name.startswith("autocpu_") and "key" in column:
+                plan = source.find(column["key"])
+                canary = source.canary_path(plan.key)
+                install(
+                    combined, SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
+                )
+                keys.append(plan.key)
+    export_bundle(combined, keys, target)
+    return target
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--shapes", default="b1s128,b8s128")
+    parser.add_argument("--tolerances", default=",".join(TOLERANCES))
+    parser.add_argument(
+        "--oracle",
+        default="all",
+        help="'all', 'none', or MODEL/SHAPE,... runs that also get the exhaustive sweep",
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/autocpu-bench"))
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--seconds", type=float, default=None, help="interleaved time per run")
+    parser.add_argument("--trials", type=int, default=None, help="tune budget (autocpu's default)")
+    parser.add_argument("--force", action="store_true", help="re-run finished model/shapes")
+    parser.add_argument(
+        "--export-tuning-db",
+        type=Path,
+        nargs="?",
+        const=ROOT / "tuning_db",
+        default=None,
+        metavar="DIR",
+        help="write the suite's plans to DIR/<fingerprint>.json (default DIR: tuning_db/)",
+    )
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    args.tolerances = [t for t in args.tolerances.split(",") if t]
+    unknown = [m for m in args.models if m not in MODELS] + [
+        s for s in args.shapes if s not in SHAPES
+    ]
+    if unknown:
+        parser.error(
+            f"unknown model or shape {unknown}: models {list(MODELS)}, shapes {list(SHAPES)}"
+        )
+    args.oracle_all = args.oracle == "all"
+    args.oracle = [] if args.oracle in ("all", "none") else args.oracle.split(",")
+    return args
+
+
+def load_results(path: Path, hw: autocpu.CpuInfo) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"machine": {**hw.to_dict(), "fingerprint": hw.fingerprint()}, "runs": {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    hw = autocpu.probe()
+    fingerprint = hw.fingerprint()
+    path = args.results / f"{fingerprint}.json"
+    results = load_results(path, hw)
+    if "gemm_peaks" not in results or args.force:
+        say("measuring the GEMM peak per precision")
+        results["gemm_peaks"] = gemm_peaks(hw.native_bf16)
+        results["threads"] = torch.get_num_threads()
+    for name in args.models:
+        for shape in args.shapes:
+            run_id = f"{name}/{shape}"
+            if run_id in results["runs"] and not args.force:
+                say(f"{run_id}: already measured (--force re-runs it)")
+                continue
+            say(f"{run_id}: start")
+            try:
+                results["runs"][run_id] = run_one(name, shape, args, results["gemm_peaks"])
+            except (AutocpuError, RuntimeError) as error:
+                say(f"{run_id}: FAILED: {error}")
+                continue
+            results["versions"] = current_versions(
+                sorted({p for b in all_backends() for p in b.requires})
+            )
+            args.results.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1, sort_keys=True))
+            render.write(results, args.results / fingerprint)
+            say(f"{run_id}: done")
+    if args.export_tuning_db:
+        target = args.export_tuning_db / f"{fingerprint}.json"
+        say(f"tuning database: {export_tuning_db(results, args.work, target)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

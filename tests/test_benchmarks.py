@@ -1,0 +1,83 @@
+"""The benchmark suite end to end on a tiny model: real tunes, real by-hand columns, real
+interleaved measurement, and the files it commits (JSON, markdown, PNG, tuning database)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import autocpu
+from autocpu.inputs import synthesize_inputs
+from autocpu.models import load_model_dir
+from autocpu.sharing import read_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import run_suite  # noqa: E402
+from benchmarks.by_hand import BY_HAND  # noqa: E402
+
+pytest.importorskip("optimum.onnxruntime")
+pytest.importorskip("optimum.intel.openvino")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("suite")
+    argv = ["--models", "tiny-bert", "--shapes", "b1s16", "--tolerances", "strict"]
+    argv += ["--oracle", "none", "--trials", "4", "--seconds", "2", "--work", str(work)]
+    argv += ["--results", str(work / "results"), "--export-tuning-db", str(work / "db")]
+    assert run_suite.main(argv) == 0
+    fingerprint = autocpu.probe().fingerprint()
+    results = json.loads((work / "results" / f"{fingerprint}.json").read_text())
+    return results, work
+
+
+def test_every_column_is_measured_against_fp32_eager_in_one_run(suite):
+    results, _ = suite
+    run = results["runs"]["tiny-bert/b1s16"]
+    columns = run["columns"]
+    assert set(columns) == {*BY_HAND, "autocpu_strict"}
+    assert columns["eager"]["speedup"] == 1.0 and columns["eager"]["max_abs"] == 0.0
+    for name, column in columns.items():
+        if column["error"]:
+            continue
+        assert column["median_ms"] > 0 and column["speedup"] > 0, name
+        assert column["gflops"] > 0 and column["fraction_of_peak"] > 0, name
+    assert columns["ort"]["strict_ok"] and columns["openvino_f32"]["strict_ok"]
+    expected = "bf16" if autocpu.probe().native_bf16 else "fp32"
+    assert columns["openvino"]["precision"] == expected  # OpenVINO's own default, read back
+    assert run["gflop_per_call"] > 0 and run["rounds"] >= run_suite.MIN_ROUNDS
+    assert set(results["gemm_peaks"]) >= {"fp32", "int8"}
+
+
+def test_the_strict_plan_is_accurate_reloaded_and_costed(suite):
+    results, _ = suite
+    plan = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]
+    assert plan["strict_ok"] and plan["from_cache"] and plan["study_trials"] >= 4
+    assert 0 < plan["reload_s"] < plan["tune_s"]
+    assert plan["tune_peak_rss_mb"] > 100 and plan["serving_rss_mb"] > 100
+
+
+def test_markdown_and_chart_are_written_from_the_json(suite):
+    results, work = suite
+    stem = work / "results" / results["machine"]["fingerprint"]
+    text = stem.with_suffix(".md").read_text()
+    assert "Speedup over fp32 eager" in text and "| tiny-bert/b1s16 |" in text
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path, monkeypatch):
+    results, work = suite
+    bundle = work / "db" / f"{results['machine']['fingerprint']}.json"
+    key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
+    assert [shared.plan.key for shared in read_bundle(bundle)] == [key]
+    monkeypatch.setenv("AUTOCPU_TUNING_DB", str(bundle.parent))
+    model_dir = work / "models" / "tiny-bert"
+    model = load_model_dir(model_dir, "feature-extraction")
+    batch = synthesize_inputs(str(model_dir), model.config, 1, 16)
+    tuned = autocpu.tune(model, batch, cache_dir=tmp_path / "fresh-cache")
+    assert tuned.source == "tuning_db" and tuned.plan.key == key
