@@ -218,3 +218,41 @@ def test_export_stays_fp32_above_the_size_threshold(
     assert _int8_constants(built.path) == 0
     int8 = backend.build(case.spec, {**params, "weights": "int8"}, ctx)
     assert _int8_constants(int8.path) > 0
+
+
+TRACE_THEN_EXPORT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_inputs, tiny_model
+from autocpu.backends.base import BuildContext
+from autocpu.backends.openvino import OpenVinoBackend
+from autocpu.hardware import probe
+from autocpu.models import make_spec
+
+spec, inputs = make_spec(tiny_model("bert")), tiny_inputs("bert")
+names = ("input_ids", "attention_mask", "token_type_ids")
+with torch.no_grad():
+    traced = torch.jit.trace(tiny_model("bert"), tuple(inputs[n] for n in names), strict=False)
+    graph = torch.jit.freeze(traced)
+backend, hw = OpenVinoBackend(), probe()
+ctx = BuildContext(hw, [inputs], __import__("pathlib").Path(sys.argv[1]))
+backend.bind(backend.build(spec, backend.defaults(hw), ctx), backend.defaults(hw))(**inputs)
+with torch.inference_mode():
+    for _ in range(3):
+        graph(*(inputs[n] for n in names))
+print("TRACED GRAPH STILL RUNS")
+"""
+
+
+def test_an_export_leaves_torchscript_graphs_in_this_process_working(tmp_path: Path) -> None:
+    """An in-process optimum-intel export made the next call of a frozen trace segfault; the
+    export runs in a child process instead (run here in a subprocess: a crash must not take
+    pytest down)."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    command = [sys.executable, "-c", TRACE_THEN_EXPORT, str(tmp_path), str(tests)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "TRACED GRAPH STILL RUNS" in done.stdout

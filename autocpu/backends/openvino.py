@@ -17,12 +17,14 @@ Nothing heavy is imported at module level.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autocpu.backends import _optimum_common as common
-from autocpu.backends.base import BuildContext, Runner
+from autocpu.backends.base import BuildContext, Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
 
 if TYPE_CHECKING:
@@ -193,22 +195,38 @@ def _run_compiled(model: Any, feed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export(spec: ModelSpec, ctx: BuildContext, task: str, target: Path) -> None:
+    """Export in a child process: OpenVINO's PyTorch frontend leaves the exporting process's
+    TorchScript runtime broken (a frozen trace called after an export segfaulted here), and
+    the user's process may hold such graphs, or try the TorchScript backend next."""
+    source = spec.saved_copy(ctx.artifact_dir)
+    command = [sys.executable, "-m", __name__, str(source), spec.task, task, str(target)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise RuntimeError(f"OpenVINO export failed: {lines[-1][:300]}")
+
+
+def export_here(source: str, model_task: str, task: str, target: str) -> None:
     """optimum-intel export, explicitly fp32: no size-based int8 compression behind our back."""
     from optimum.exporters.openvino import main_export
     from optimum.intel.openvino.configuration import OVConfig
 
-    main_export(
-        str(spec.saved_copy(ctx.artifact_dir)),
-        output=target,
-        task=task,
-        library_name="transformers",
-        local_files_only=True,
-        ov_config=OVConfig(dtype="fp32"),
-        pad_token_id=common.pad_token_for_export(spec),
-        custom_export_configs=common.custom_export_configs(
-            "openvino", spec, task, common.extra_outputs(spec)
-        ),
-    )
+    from autocpu.models import load_model_dir, make_spec
+
+    spec = make_spec(load_model_dir(source, model_task), model_task)
+    with quiet_build_logs():
+        main_export(
+            source,
+            output=target,
+            task=task,
+            library_name="transformers",
+            local_files_only=True,
+            ov_config=OVConfig(dtype="fp32"),
+            pad_token_id=common.pad_token_for_export(spec),
+            custom_export_configs=common.custom_export_configs(
+                "openvino", spec, task, common.extra_outputs(spec)
+            ),
+        )
 
 
 def _compress(source: Path, target: Path) -> None:
@@ -222,3 +240,7 @@ def _compress(source: Path, target: Path) -> None:
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         ov.save_model(compressed, target / xml.name, compress_to_fp16=False)
     common.copy_side_files(source, target)
+
+
+if __name__ == "__main__":  # the export child: SOURCE MODEL_TASK EXPORT_TASK TARGET
+    export_here(*sys.argv[1:5])
