@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 import transformers
 
 VOCAB = 100
+#: GPT-2's TorchScript trace bakes in the sequence length with transformers' masking_utils; the
+#: masks of transformers 4.48 (the legacy lane, no masking_utils) trace with dynamic shapes.
+MASKING_UTILS = importlib.util.find_spec("transformers.masking_utils") is not None
 WORDS = ["the", "a", "model", "runs", "fast", "on", "cpu", "tuned", "plan", "cache", "good", "bad"]
 
 

@@ -3,14 +3,14 @@
 import importlib.metadata
 import sys
 
-BLOCKED = ("onnxruntime", "openvino", "optimum", "nncf")
+BLOCKED = ("onnxruntime", "openvino", "optimum", "nncf", "intel_extension_for_pytorch")
 
 
 real_version = importlib.metadata.version
 
 
 def version(name):
-    if name.split("-")[0] in BLOCKED:
+    if name.split("-")[0] in BLOCKED or name.replace("-", "_") in BLOCKED:
         raise importlib.metadata.PackageNotFoundError(name)
     return real_version(name)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("optimum.onnxruntime")
+pytest.importorskip("onnxruntime")  # optimum 1.x (the legacy lane) has the former alone
 
 import optuna
 from conftest import tiny_config

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from autocpu.errors import AutocpuError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -43,6 +45,12 @@ class Availability:
     @classmethod
     def no(cls, reason: str, fix: str = "") -> Availability:
         return cls(False, reason, fix)
+
+    def check(self) -> None:
+        """Raise the reason and fix when not ok: builds call it, since a plan applied in another
+        environment reaches build() without the search's eligibility check."""
+        if not self.ok:
+            raise AutocpuError(self.reason, self.fix or "use another backend")
 
 
 @dataclass

@@ -42,9 +42,16 @@ class _TupleOutputs(torch.nn.Module):
 
 @contextlib.contextmanager
 def traceable_masks() -> Iterator[None]:
-    """Swap in the SDPA mask function that traces (the recent one uses vmap); restore after."""
-    from transformers import masking_utils
+    """Swap in the SDPA mask function that traces (the recent one uses vmap); restore after.
 
+    transformers before ``masking_utils`` (4.48 in the legacy lane) builds masks without vmap,
+    so there is nothing to swap.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
     mapping = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
     saved = masking_utils.sdpa_mask, mapping.get("sdpa")
     masking_utils.sdpa_mask = masking_utils.sdpa_mask_older_torch
@@ -84,9 +91,20 @@ class TracedRunner:
         return self.template.restore(self.graph(*(inputs[n] for n in self.names)))
 
 
-def trace(spec: ModelSpec, batch: Mapping[str, Any], freeze: bool, optimize: bool) -> Any:
+def trace(
+    module: torch.nn.Module,
+    batch: Mapping[str, Any],
+    causal_lm: bool,
+    freeze: bool,
+    optimize: bool = False,
+) -> tuple[Any, tuple[str, ...]]:
+    """Trace ``module`` (the user's model or a transformed copy, e.g. by IPEX) on ``batch``.
+
+    Returns the graph and the input names it takes, in order. Enclosing autocast contexts
+    apply: casts are recorded in the graph.
+    """
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    wrapper = _TupleOutputs(spec.model, tuple(tensors), spec.is_causal_lm).eval()
+    wrapper = _TupleOutputs(module, tuple(tensors), causal_lm).eval()
     with (
         torch.inference_mode(False),
         torch.no_grad(),
@@ -101,6 +119,13 @@ def trace(spec: ModelSpec, batch: Mapping[str, Any], freeze: bool, optimize: boo
             if optimize:
                 graph = torch.jit.optimize_for_inference(graph)
     return graph, tuple(tensors)
+
+
+def output_template(spec: ModelSpec, batch: Mapping[str, Any]) -> OutputTemplate:
+    """The structure of the model's own outputs, which a traced graph's tuples are mapped to."""
+    with torch.inference_mode():
+        extra = {"use_cache": False} if spec.is_causal_lm else {}
+        return OutputTemplate.of(spec.model(**batch, **extra))
 
 
 class TorchScriptBackend(Backend):
@@ -123,8 +148,11 @@ class TorchScriptBackend(Backend):
 
     def build(self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext) -> Any:
         batch = ctx.example_inputs[0]
-        graph, names = trace(spec, batch, bool(params["freeze"]), bool(params.get("optimize")))
-        with torch.inference_mode():
-            extra = {"use_cache": False} if spec.is_causal_lm else {}
-            template = OutputTemplate.of(spec.model(**batch, **extra))
-        return TracedRunner(graph, names, template, fallback=spec.model)
+        graph, names = trace(
+            spec.model,
+            batch,
+            spec.is_causal_lm,
+            bool(params["freeze"]),
+            bool(params.get("optimize")),
+        )
+        return TracedRunner(graph, names, output_template(spec, batch), fallback=spec.model)
