@@ -151,7 +151,10 @@ def markdown(results: dict) -> str:
         + ", ".join(next(iter(peaks.values()))["by_shape"])
         + "): "
         + ", ".join(f"{p} {v['gflops']:.0f} GFLOP/s" for p, v in peaks.items())
-        + ".",
+        + '. "Of peak" divides a column\'s achieved rate (FLOPs per call, counted, over its '
+        "median latency) by the peak for its precision; above 100% means the engine's own GEMM "
+        "kernels beat torch's on these shapes, so the measured peak is a floor of the physical "
+        "limit rather than the limit itself.",
         "",
     ]
     runs = results["runs"]
