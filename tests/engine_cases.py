@@ -74,3 +74,21 @@ def generated_tokens(backend: Backend, case: Case) -> tuple[torch.Tensor, torch.
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     expected = case.spec.model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), expected
+
+
+def reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    with torch.inference_mode():
+        return model(**inputs)
+
+
+def assert_matches_at_two_lengths(runner: Any, model: torch.nn.Module, inputs: dict) -> None:
+    """Same output type and strict accuracy at real tokens, at the example's length and at 8
+    tokens (a candidate that baked in the example's shape fails the second)."""
+    from autocpu.accuracy import Tolerance, compare_outputs
+    from autocpu.inputs import at_sequence_length
+
+    for batch in (inputs, at_sequence_length(inputs, 8)):
+        out, ref = runner(**batch), reference(model, batch)
+        assert type(out) is type(ref)
+        report = compare_outputs(ref, out, Tolerance.strict(), batch["attention_mask"])
+        assert report.passed, report.failures

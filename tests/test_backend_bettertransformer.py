@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_inputs, tiny_model
+from engine_cases import assert_matches_at_two_lengths, reference
 
 import autocpu
 from autocpu.accuracy import Tolerance, compare_outputs
@@ -16,7 +17,6 @@ from autocpu.backends import BuildContext, get_backend
 from autocpu.backends.bettertransformer import SUCCESSOR, import_problem
 from autocpu.errors import AutocpuError
 from autocpu.hardware import probe
-from autocpu.inputs import at_sequence_length
 from autocpu.models import make_spec
 
 HW = probe()
@@ -29,11 +29,6 @@ MODELS = [
     ("roberta", "AutoModelForMaskedLM"),
     ("gpt2", "AutoModelForCausalLM"),
 ]
-
-
-def reference(model, inputs):
-    with torch.inference_mode():
-        return model(**inputs)
 
 
 @pytest.mark.skipif(ELIGIBLE, reason="BetterTransformer is available here")
@@ -98,13 +93,7 @@ def test_fp32_candidates_match_eager_on_real_tokens_at_two_lengths(kind, head, t
     runner = build(model, inputs, {"precision": "fp32", "threads": 2}, tmp_path)
     converted = {type(m).__name__ for m in runner.fn.modules()}
     assert any("BetterTransformer" in name for name in converted), converted
-    for batch in (inputs, at_sequence_length(inputs, 8)):
-        out = runner(**batch)
-        assert type(out) is type(reference(model, batch))
-        report = compare_outputs(
-            reference(model, batch), out, Tolerance.strict(), batch["attention_mask"]
-        )
-        assert report.passed, report.failures
+    assert_matches_at_two_lengths(runner, model, inputs)
     assert model.config._attn_implementation == "sdpa"  # the user's model is untouched
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_inputs, tiny_model
+from engine_cases import assert_matches_at_two_lengths, reference
 
 import autocpu
 from autocpu.accuracy import Tolerance, compare_outputs
@@ -25,7 +26,6 @@ from autocpu.backends import BuildContext, get_backend
 from autocpu.backends.ipex import DIST, major_minor, torch_mismatch
 from autocpu.errors import AutocpuError
 from autocpu.hardware import probe
-from autocpu.inputs import at_sequence_length
 from autocpu.models import make_spec
 
 HW = probe()
@@ -105,11 +105,6 @@ def build(model, inputs, params, tmp_path):
     return backend.bind(built, params)
 
 
-def reference(model, inputs):
-    with torch.inference_mode():
-        return model(**inputs)
-
-
 def fp32_tensors(output) -> list[torch.Tensor]:
     return [v for v in output.values() if isinstance(v, torch.Tensor)]
 
@@ -120,13 +115,7 @@ def fp32_tensors(output) -> list[torch.Tensor]:
 def test_fp32_candidates_match_eager_at_two_lengths(kind, head, torchscript, tmp_path):
     model, inputs = tiny_model(kind, head), tiny_inputs(kind)
     runner = build(model, inputs, {"dtype": "fp32", "torchscript": torchscript}, tmp_path)
-    for batch in (inputs, at_sequence_length(inputs, 8)):
-        out = runner(**batch)
-        assert type(out) is type(reference(model, batch))
-        report = compare_outputs(
-            reference(model, batch), out, Tolerance.strict(), batch["attention_mask"]
-        )
-        assert report.passed, report.failures
+    assert_matches_at_two_lengths(runner, model, inputs)
 
 
 @needs_ipex
