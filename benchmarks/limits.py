@@ -9,7 +9,6 @@ bf16 matmul (AVX512-BF16/AMX) and ``torch._int_mm`` (VNNI) for int8.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,16 +17,15 @@ GEMM_SHAPES = ((128, 768, 3072), (1024, 1024, 1024), (2048, 2048, 2048))
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def flops_per_call(model_dir: Path, task: str, batch: dict[str, Any]) -> float:
+def flops_per_call(model: torch.nn.Module, batch: dict[str, Any]) -> float:
     """FLOPs of one forward pass over ``batch`` (multiply-adds count as two)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from autocpu.backends.eager import with_attention
-    from autocpu.models import load_model_dir
 
-    model = with_attention(load_model_dir(model_dir, task), "eager")
+    counted = with_attention(model, "eager")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(**batch)
+        counted(**batch)
     return float(counter.get_total_flops())
 
 

@@ -134,7 +134,7 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
     cache = args.work / "cache" / f"{name}-{shape}"
     model = load_model_dir(model_dir, zoo.task)
     batch = synthesize_inputs(str(model_dir), model.config, *SHAPES[shape])
-    flops = flops_per_call(model_dir, zoo.task, batch)
+    flops = flops_per_call(model, batch)
     oracle = args.oracle_all or f"{name}/{shape}" in args.oracle
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
     say("  serving memory of the plain model")
