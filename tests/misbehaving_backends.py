@@ -1,14 +1,17 @@
-"""Test-only backends that fail the way native code fails: a segfault, an abort, a hang and a
-memory blow-up. Loaded through AUTOCPU_EXTRA_BACKENDS, never shipped in autocpu/backends."""
+"""Test-only backends that fail the way native code fails (a segfault, an abort, a hang and a
+memory blow-up), and one that makes concurrent tunes meet. Loaded through
+AUTOCPU_EXTRA_BACKENDS, never shipped in autocpu/backends."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from autocpu.backends.base import Availability, Backend
+from autocpu.backends.eager import EagerBackend
 
 
 class _Misbehaving(Backend):
@@ -57,6 +60,27 @@ class MemoryHogBackend(_Misbehaving):
         return hog
 
 
+class BarrierBackend(EagerBackend):
+    """Eager, except that each process's first build waits until BARRIER_PARTIES processes
+    are building: concurrent tunes then provably each measure a trial, however their start
+    times fall. The meeting place is the folder in AUTOCPU_TEST_BARRIER."""
+
+    name = "test_barrier"
+    parties = 2
+    _met = False
+
+    def build(self, spec: Any, params: Any, ctx: Any) -> Any:
+        if not BarrierBackend._met:
+            folder = Path(os.environ["AUTOCPU_TEST_BARRIER"])
+            (folder / str(os.getpid())).touch()
+            deadline = time.monotonic() + 300
+            while len(list(folder.iterdir())) < self.parties and time.monotonic() < deadline:
+                time.sleep(0.05)
+            BarrierBackend._met = True
+        return super().build(spec, params, ctx)
+
+
+BARRIER = "misbehaving_backends:BarrierBackend"
 ALL = (
     "misbehaving_backends:SegfaultBackend,misbehaving_backends:AbortBackend,"
     "misbehaving_backends:HangBackend,misbehaving_backends:MemoryHogBackend"

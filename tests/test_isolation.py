@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_inputs, tiny_model
 from misbehaving_backends import ALL as MISBEHAVING
+from misbehaving_backends import BARRIER
 
 import autocpu
 from autocpu.plans import PlanCache
@@ -22,15 +22,23 @@ TESTS = str(Path(__file__).parent)
 
 
 @pytest.fixture
-def misbehaving(monkeypatch):
+def use_test_backends(monkeypatch):
+    """Registers test-only backends for this process and every process it starts."""
     import autocpu.backends as registry
 
-    monkeypatch.setenv("AUTOCPU_EXTRA_BACKENDS", MISBEHAVING)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    def use(entries: str) -> None:
+        monkeypatch.setenv("AUTOCPU_EXTRA_BACKENDS", entries)
+        path = os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])
+        monkeypatch.setenv("PYTHONPATH", path)
+        registry._discover.cache_clear()
+
+    yield use
     registry._discover.cache_clear()
-    yield
-    monkeypatch.delenv("AUTOCPU_EXTRA_BACKENDS")
-    registry._discover.cache_clear()
+
+
+@pytest.fixture
+def misbehaving(use_test_backends):
+    use_test_backends(MISBEHAVING)
 
 
 def test_segfault_abort_hang_and_memory_blowup_are_failed_trials(misbehaving, cache_dir):
@@ -130,28 +138,44 @@ POSTGRES = os.environ.get("AUTOCPU_TEST_POSTGRES")
 
 
 @pytest.mark.skipif(not POSTGRES, reason="set AUTOCPU_TEST_POSTGRES (.ci/run starts a server)")
-def test_two_machines_share_one_study_in_postgresql(model_dir, tmp_path):
+def test_two_machines_share_one_study_in_postgresql(
+    model_dir, tmp_path, monkeypatch, use_test_backends
+):
     import optuna
 
     for name in optuna.get_all_study_names(POSTGRES):  # a clean study per run
         optuna.delete_study(study_name=name, storage=POSTGRES)
-    args = tune_args(model_dir, 6, "--storage", POSTGRES)
+    # Eager behind a barrier: the first process to start cannot finish the study alone.
+    use_test_backends(BARRIER)
+    monkeypatch.setenv("AUTOCPU_TEST_BARRIER", str(tmp_path / "barrier"))
+    (tmp_path / "barrier").mkdir()
+    args = [*tune_args(model_dir, 6, "--storage", POSTGRES)]
+    args[args.index("eager,torchscript")] = "test_barrier"
     caches = [tmp_path / "machine-a", tmp_path / "machine-b"]
-    procs = []
-    for cache in caches:
-        procs.append(cli(*args, cache=cache))
-        time.sleep(1.0)
+    procs = [cli(*args, cache=cache) for cache in caches]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     plans = [json.loads(out[out.index("{\n") :]) for out in outputs]
     last = max(plans, key=lambda p: p["created"])
-    workers = {t["worker"] for t in last["trials"] if t.get("worker")}
-    assert len(workers) == 2, workers  # trials measured by both processes
-    assert 6 <= last["study_trials"] <= 7
-    measured = [t for t in last["trials"] if t.get("worker")]
-    assert len(measured) == len(
-        {(t["backend"], json.dumps(t["params"], sort_keys=True)) for t in measured}
-    )
+    assert 6 <= last["study_trials"] <= 7  # one budget for both
+    (name,) = optuna.get_all_study_names(POSTGRES)
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    measured = [
+        t.user_attrs
+        for t in study.trials
+        if "record" in t.user_attrs and "repeat_of" not in t.user_attrs
+    ]
+    assert len({m["worker"] for m in measured}) == 2  # both processes measured trials
+    points = {
+        (m["record"]["backend"], json.dumps(m["record"]["params"], sort_keys=True))
+        for m in measured
+    }
+    in_plan = [
+        (t["backend"], json.dumps(t["params"], sort_keys=True))
+        for t in last["trials"]
+        if t.get("worker")
+    ]
+    assert sorted(in_plan) == sorted(points)  # every point either measured, each once
 
 
 class PlainModule(torch.nn.Module):
