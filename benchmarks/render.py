@@ -32,6 +32,8 @@ SHORT = {
     "autocpu_int8": "**autocpu int8**",
     "oracle_strict": "oracle strict",
 }
+#: Backends as the README's summary names them.
+BACKEND_SHORT = {"onnxruntime": "ORT", "openvino": "OV", "torch_compile": "compile"}
 TARGET_RUN = "bert-base/b1s128"
 NOISE = 0.03  # ratios closer than this are noise here (GUIDE section 3)
 
@@ -85,6 +87,45 @@ def targets(run: dict) -> list[tuple[str, str, bool]]:
     if reloads:
         checks.append(("reload under 5 s", f"max {max(reloads):.2f} s", max(reloads) < 5))
     return checks
+
+
+def _plan_cell(column: dict | None) -> str:
+    if column is None:
+        return "not run"
+    if column.get("error"):
+        return "failed"
+    backend = column["backend"]
+    return f"{_x(column['speedup'])} ({BACKEND_SHORT.get(backend, backend)})"
+
+
+def summary(results: dict, shape: str) -> str:
+    """The README's table for one shape: the baseline's latency, the best by-hand column that
+    keeps fp32 outputs, OpenVINO's defaults, autocpu's plans and the oracle."""
+    lines = [
+        f"| model ({shape}) | fp32 eager | best by-hand, fp32-exact | OV defaults "
+        "| autocpu strict | autocpu bf16 | autocpu int8 | oracle (strict) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    from benchmarks.zoo import MODELS
+
+    runs = [run for run in results["runs"].values() if run["shape"] == shape]
+    for run in sorted(runs, key=lambda run: list(MODELS).index(run["model"])):
+        cols = run["columns"]
+        by_hand = [
+            (c["speedup"], SHORT[name])
+            for name, c in cols.items()
+            if c["kind"] == "by-hand" and c.get("strict_ok") and name != "eager"
+        ]
+        best = "—" if not by_hand else f"{_x(max(by_hand)[0])} ({max(by_hand)[1]})"
+        ov = cols.get("openvino")
+        cells = [
+            f"{cols['eager']['median_ms']:.0f} ms",
+            best,
+            "failed" if ov is None or ov.get("error") else _x(ov["speedup"]),
+            *(_plan_cell(cols.get(name)) for name in ORDER[-4:]),
+        ]
+        lines.append(f"| {run['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _run_table(run: dict, peaks: dict) -> list[str]:
@@ -216,3 +257,14 @@ def write(results: dict[str, Any], stem: Path) -> None:
     """``<stem>.md`` and ``<stem>.png`` from the results."""
     stem.with_suffix(".md").write_text(markdown(results) + "\n")
     chart(results, stem.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="print the README's summary table for a shape")
+    parser.add_argument("results", type=Path, help="benchmarks/results/<fingerprint>.json")
+    parser.add_argument("--shape", default="b1s128")
+    args = parser.parse_args()
+    print(summary(json.loads(args.results.read_text()), args.shape))

@@ -33,7 +33,7 @@ from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
 from autocpu.search import workload
-from autocpu.sharing import SharedPlan, export_bundle, install
+from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, gemm_peaks
@@ -205,24 +205,31 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
 
 
 def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
-    """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``."""
+    """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``. Plans of
+    rows measured in an earlier session, whose work folder is gone, are kept from the bundle."""
+    earlier = {shared.plan.key: shared for shared in read_bundle(target)} if target.exists() else {}
     combined = PlanCache(work / "tuning-db-export")
     keys = []
     for run in results["runs"].values():
         source = PlanCache(work / "cache" / f"{run['model']}-{run['shape']}")
         for name, column in run["columns"].items():
-            if name.startswith("autocpu_") and "key" in column:
-                plan = source.find(column["key"])
+            if not name.startswith("autocpu_") or "key" not in column:
+                continue
+            plan = source.load(column["key"])
+            if plan is None:
+                shared = earlier.get(column["key"])
+            else:
                 canary = source.canary_path(plan.key)
-                if canary.exists() and canary.stat().st_size > MAX_SHIPPED_CANARY_BYTES:
-                    say(
-                        f"  not shipped: {run['model']} {name} (canary of {canary.stat().st_size >> 20} MiB)"
-                    )
-                    continue
-                install(
-                    combined, SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
+                shared = SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
+            if shared is None:
+                say(f"  not shipped: {run['model']} {name} (its plan is in neither cache)")
+            elif len(shared.canary or b"") > MAX_SHIPPED_CANARY_BYTES:
+                say(
+                    f"  not shipped: {run['model']} {name} (canary of {len(shared.canary) >> 20} MiB)"
                 )
-                keys.append(plan.key)
+            else:
+                install(combined, shared)
+                keys.append(shared.plan.key)
     export_bundle(combined, keys, target)
     return target
 

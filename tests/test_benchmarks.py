@@ -17,7 +17,7 @@ from autocpu.sharing import read_bundle
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import run_suite  # noqa: E402
+from benchmarks import render, run_suite  # noqa: E402
 from benchmarks.by_hand import BY_HAND  # noqa: E402
 
 pytest.importorskip("optimum.onnxruntime")
@@ -68,6 +68,10 @@ def test_markdown_and_chart_are_written_from_the_json(suite):
     text = stem.with_suffix(".md").read_text()
     assert "Speedup over fp32 eager" in text and "| tiny-bert/b1s16 |" in text
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    column = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]
+    row = render.summary(results, "b1s16").splitlines()[2]
+    assert row.startswith("| tiny-bert | ") and f"{column['speedup']:.2f}x" in row
+    assert row.endswith("| not run |")  # no oracle in this run
 
 
 def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path, monkeypatch):
