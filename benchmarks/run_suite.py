@@ -36,7 +36,7 @@ from autocpu.search import workload
 from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
-from benchmarks.limits import flops_per_call, gemm_peaks
+from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
 from benchmarks.zoo import MODELS, materialize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,6 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
             )
             stats = comparison.stats[column.name]
             gflops = flops / (stats.median_ms / 1000.0) / 1e9
-            peak = peaks.get(column.precision, {}).get("gflops")
             row |= {
                 "median_ms": stats.median_ms,
                 "p90_ms": stats.p90_ms,
@@ -185,7 +184,7 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
                 "min_cosine": accuracy.min_cosine,
                 "strict_ok": accuracy.passed,
                 "gflops": gflops,
-                "fraction_of_peak": gflops / peak if peak else None,
+                "fraction_of_peak": fraction_of_peak(gflops, column.precision, peaks),
             }
         row |= tuned.get(column.name, {})
         rows[column.name] = row
@@ -250,6 +249,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=None, help="tune budget (autocpu's default)")
     parser.add_argument("--force", action="store_true", help="re-run finished model/shapes")
     parser.add_argument(
+        "--remeasure-peak",
+        action="store_true",
+        help="measure the GEMM peak again and rescale every column's fraction of it",
+    )
+    parser.add_argument(
         "--export-tuning-db",
         type=Path,
         nargs="?",
@@ -280,16 +284,31 @@ def load_results(path: Path, hw: autocpu.CpuInfo) -> dict:
     return {"machine": {**hw.to_dict(), "fingerprint": hw.fingerprint()}, "runs": {}}
 
 
+def save(results: dict, path: Path, stem: Path) -> None:
+    """The JSON, then the markdown and chart rendered from it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True))
+    render.write(results, stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hw = autocpu.probe()
     fingerprint = hw.fingerprint()
     path = args.results / f"{fingerprint}.json"
     results = load_results(path, hw)
-    if "gemm_peaks" not in results or args.force:
+    if "gemm_peaks" not in results or args.force or args.remeasure_peak:
         say("measuring the GEMM peak per precision")
         results["gemm_peaks"] = gemm_peaks(hw.native_bf16)
         results["threads"] = torch.get_num_threads()
+        for column in (c for run in results["runs"].values() for c in run["columns"].values()):
+            if "gflops" in column:
+                peaks = results["gemm_peaks"]
+                column["fraction_of_peak"] = fraction_of_peak(
+                    column["gflops"], column["precision"], peaks
+                )
+        if results["runs"]:
+            save(results, path, args.results / fingerprint)
     for name in args.models:
         for shape in args.shapes:
             run_id = f"{name}/{shape}"
@@ -305,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             results["versions"] = current_versions(
                 sorted({p for b in all_backends() for p in b.requires})
             )
-            args.results.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=1, sort_keys=True))
-            render.write(results, args.results / fingerprint)
+            save(results, path, args.results / fingerprint)
             say(f"{run_id}: done")
     if args.export_tuning_db:
         target = args.export_tuning_db / f"{fingerprint}.json"
