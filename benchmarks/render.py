@@ -101,13 +101,13 @@ def _plan_cell(column: dict | None) -> str:
 def summary(results: dict, shape: str) -> str:
     """The README's table for one shape: the baseline's latency, the best by-hand column that
     keeps fp32 outputs, OpenVINO's defaults, autocpu's plans and the oracle."""
+    from benchmarks.zoo import MODELS  # torch and transformers: only for this table
+
     lines = [
         f"| model ({shape}) | fp32 eager | best by-hand, fp32-exact | OV defaults "
         "| autocpu strict | autocpu bf16 | autocpu int8 | oracle (strict) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    from benchmarks.zoo import MODELS
-
     runs = [run for run in results["runs"].values() if run["shape"] == shape]
     for run in sorted(runs, key=lambda run: list(MODELS).index(run["model"])):
         cols = run["columns"]
@@ -116,7 +116,8 @@ def summary(results: dict, shape: str) -> str:
             for name, c in cols.items()
             if c["kind"] == "by-hand" and c.get("strict_ok") and name != "eager"
         ]
-        best = "—" if not by_hand else f"{_x(max(by_hand)[0])} ({max(by_hand)[1]})"
+        fastest = max(by_hand, default=None)
+        best = "—" if fastest is None else f"{_x(fastest[0])} ({fastest[1]})"
         ov = cols.get("openvino")
         cells = [
             f"{cols['eager']['median_ms']:.0f} ms",

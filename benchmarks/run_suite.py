@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         say("measuring the GEMM peak per precision")
         results["gemm_peaks"] = gemm_peaks(hw.native_bf16)
         results["threads"] = torch.get_num_threads()
+        peaks = results["gemm_peaks"]
         for column in (c for run in results["runs"].values() for c in run["columns"].values()):
             if "gflops" in column:
-                peaks = results["gemm_peaks"]
                 column["fraction_of_peak"] = fraction_of_peak(
                     column["gflops"], column["precision"], peaks
                 )

@@ -61,8 +61,8 @@ class MemoryHogBackend(_Misbehaving):
 
 
 class BarrierBackend(EagerBackend):
-    """Eager, except that each process's first build waits until BARRIER_PARTIES processes
-    are building: concurrent tunes then provably each measure a trial, however their start
+    """Eager, except that each process's first build waits until ``parties`` processes are
+    building: concurrent tunes then provably each measure a trial, however their start
     times fall. The meeting place is the folder in AUTOCPU_TEST_BARRIER."""
 
     name = "test_barrier"
