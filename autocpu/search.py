@@ -35,6 +35,9 @@ NOISE = 0.03
 #: A candidate whose median passes this multiple of the best so far stops being measured.
 GIVE_UP_FACTOR = 1.5
 FINALISTS = 3
+#: Random draws that look for a point no trial has measured, after the sampler proposed one that
+#: was; when none turns up, the search space is taken as exhausted and the study stops.
+FRESH_POINT_DRAWS = 200
 BUILD_CACHE_SIZE = 3
 #: How the study picks candidates: Optuna's TPE within a budget, or every point of the space
 #: (Optuna's BruteForceSampler; the benchmark's oracle, and for users who can afford it).
@@ -271,7 +274,10 @@ class Search:
     """An Optuna study over the eligible backends, then the finalists' interleaved re-measure.
 
     The study may already hold trials (a resumed tune, or other machines sharing a storage):
-    finished trials are reused, never repeated, and all of them end up in the plan.
+    finished trials are reused, never repeated, and all of them end up in the plan. The trial
+    budget counts measured candidates: when the sampler proposes a point already measured, the
+    trial reuses its result (Optuna still learns from it) and a random unmeasured point is queued
+    in its place, so ``n_trials=20`` measures 20 distinct candidates, or the whole space if smaller.
     """
 
     def __init__(
@@ -332,9 +338,39 @@ class Search:
                 found.setdefault(record.identity, record)
         return list(found.values())
 
-    def _finished(self) -> int:
+    def _measured(self) -> int:
+        """Finished trials that measured a candidate (repeats of a measured point excluded)."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        return sum("repeat_of" not in t.user_attrs for t in trials)
+
+    def _enqueue(self, name: str, params: Mapping[str, Any]) -> None:
+        backend = self.backends[name]
+        self.study.enqueue_trial(
+            {"backend": name, **{backend.key(k): v for k, v in params.items()}},
+            skip_if_exists=True,
+        )
+
+    def _propose(self, trial: optuna.Trial) -> TrialRecord:
+        name = trial.suggest_categorical("backend", list(self.backends))
+        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
+        return TrialRecord(name, params, number=trial.number)
+
+    def _enqueue_unmeasured(self, seed: int) -> bool:
+        """Queue a random point of the space that no trial has measured; False if none turns up
+        in FRESH_POINT_DRAWS draws, i.e. the space is exhausted."""
+        measured = {r.identity for r in self.records()}
+        draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        for _ in range(FRESH_POINT_DRAWS):
+            record = self._propose(draws.ask())
+            if record.identity not in measured:
+                self._enqueue(record.backend, record.params)
+                return True
+        return False
+
+    def _stop_at_budget(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if self.n_trials is not None and self._measured() >= self.n_trials:
+            study.stop()
 
     def _run_study(self) -> None:
         if not self.backends:
@@ -347,27 +383,19 @@ class Search:
                 for params in b.lossy_defaults(self.spec, self.hw)
             ]
         for name, params in first:  # shipped winners, each backend's defaults, lossy recipes
-            backend = self.backends[name]
-            self.study.enqueue_trial(
-                {"backend": name, **{backend.key(k): v for k, v in params.items()}},
-                skip_if_exists=True,
-            )
-        remaining = None if self.n_trials is None else self.n_trials - self._finished()
-        if remaining is not None and remaining <= 0:
+            self._enqueue(name, params)
+        if self.n_trials is not None and self._measured() >= self.n_trials:
             return  # a resumed tune whose trials all finished before the interruption
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-        callbacks = [optuna.study.MaxTrialsCallback(self.n_trials, states)] if self.n_trials else []
         ok = [r for r in self.records() if r.status == "ok"]
         self.best_ms = min([self.best_ms, *(r.median_ms for r in ok)])
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are recorded, not logged
         try:
-            self.study.optimize(
+            self.study.optimize(  # ends at the budget, the timeout or an exhausted space
                 self._objective,
-                n_trials=remaining,
                 timeout=self.timeout,
                 catch=(RuntimeError,),
-                callbacks=callbacks,
+                callbacks=[self._stop_at_budget],
                 gc_after_trial=True,
             )
         finally:
@@ -375,13 +403,14 @@ class Search:
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
-        name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
-        record = TrialRecord(name, params, number=trial.number)
+        record = self._propose(trial)
         seen = next((r for r in self.records() if r.identity == record.identity), None)
         if seen is not None:
             trial.set_user_attr("repeat_of", seen.number)
             record = seen
+            if not self._enqueue_unmeasured(seed=trial.number):
+                log.info("every point of the search space has been measured")
+                self.study.stop()
         else:
             self._report(record, started=True)
             record = self.executor.run(record, give_up_above_ms=self.best_ms * GIVE_UP_FACTOR)
@@ -410,7 +439,7 @@ class Search:
             ProgressEvent(
                 record=record,
                 started=started,
-                finished=self._finished() + (0 if started else 1),
+                finished=self._measured() + (0 if started else 1),
                 total=self.n_trials,
                 failures=len(failed) + (record.status == "failed" and not started),
                 baseline_ms=self.baseline_ms,
@@ -440,7 +469,7 @@ class Search:
             speedup_iqr=comparison.speedup_iqr[winner_label],
             decision=decision,
             records=[baseline, *merged],
-            study_trials=self._finished(),
+            study_trials=self._measured(),
         )
 
     def _decide(

@@ -206,6 +206,27 @@ def test_exhaustive_search_measures_every_point_of_the_space_once(cache_dir):
     assert sampled.plan.key != plan.key and not sampled.from_cache, "its own key, not TPE's"
 
 
+def test_the_budget_counts_distinct_candidates_and_stops_when_the_space_runs_out(cache_dir):
+    """TPE re-proposes measured points (cheap, but they used to eat the budget); a repeat now
+    queues an unmeasured point instead, and a space smaller than the budget is measured whole."""
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    threads = autocpu.probe().usable_cpus
+
+    def points(plan):
+        return [
+            (t["backend"], json.dumps(t["params"], sort_keys=True))
+            for t in plan.trials
+            if t["reason"] != "baseline"
+        ]
+
+    budget = 3 * threads + 1  # torchscript's space (3 x threads) plus eager's (2 x threads)
+    mixed = tune_here(model, inputs, n_trials=budget, backends=FAST, cache=False).plan
+    assert mixed.study_trials == budget and len(set(points(mixed))) == budget
+    small = tune_here(model, inputs, n_trials=50, backends=["torchscript"], cache=False).plan
+    assert small.study_trials == 3 * threads  # stopped: nothing left to measure
+    assert sorted(points(small)) == sorted(set(points(small))) and len(points(small)) == 3 * threads
+
+
 def test_unknown_search_strategy_is_refused_in_one_line():
     with pytest.raises(autocpu.AutocpuError, match="search='grid' is not known"):
         tune_here(tiny_model("bert"), tiny_inputs("bert"), search="grid")
