@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -131,7 +132,7 @@ def plan_column(name: str, tuned: dict, model: torch.nn.Module, batch: dict, cac
 def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dict:
     zoo = MODELS[name]
     model_dir = materialize(name, args.work)
-    cache = args.work / "cache" / f"{name}-{shape}"
+    cache = row_cache(args.work, name, shape)
     model = load_model_dir(model_dir, zoo.task)
     batch = synthesize_inputs(str(model_dir), model.config, *SHAPES[shape])
     flops = flops_per_call(model, batch)
@@ -203,6 +204,11 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
     }
 
 
+def row_cache(work: Path, model: str, shape: str) -> Path:
+    """One row's plans and studies: an interrupted row resumes from them."""
+    return work / "cache" / f"{model}-{shape}"
+
+
 def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
     """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``. Plans of
     rows measured in an earlier session, whose work folder is gone, are kept from the bundle."""
@@ -210,7 +216,7 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
     combined = PlanCache(work / "tuning-db-export")
     keys = []
     for run in results["runs"].values():
-        source = PlanCache(work / "cache" / f"{run['model']}-{run['shape']}")
+        source = PlanCache(row_cache(work, run["model"], run["shape"]))
         for name, column in run["columns"].items():
             if not name.startswith("autocpu_") or "key" not in column:
                 continue
@@ -247,7 +253,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--seconds", type=float, default=None, help="interleaved time per run")
     parser.add_argument("--trials", type=int, default=None, help="tune budget (autocpu's default)")
-    parser.add_argument("--force", action="store_true", help="re-run finished model/shapes")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run finished model/shapes from scratch (their cached plans and studies go)",
+    )
     parser.add_argument(
         "--remeasure-peak",
         action="store_true",
@@ -315,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             if run_id in results["runs"] and not args.force:
                 say(f"{run_id}: already measured (--force re-runs it)")
                 continue
+            if args.force:  # else the tunes would answer from the row's cached plans
+                shutil.rmtree(row_cache(args.work, name, shape), ignore_errors=True)
             say(f"{run_id}: start")
             try:
                 results["runs"][run_id] = run_one(name, shape, args, results["gemm_peaks"])

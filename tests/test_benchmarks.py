@@ -12,6 +12,7 @@ import pytest
 import autocpu
 from autocpu.inputs import synthesize_inputs
 from autocpu.models import load_model_dir
+from autocpu.plans import PlanCache
 from autocpu.sharing import read_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,3 +86,17 @@ def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path
     batch = synthesize_inputs(str(model_dir), model.config, 1, 16)
     tuned = autocpu.tune(model, batch, cache_dir=tmp_path / "fresh-cache")
     assert tuned.source == "tuning_db" and tuned.plan.key == key
+
+
+def test_force_re_tunes_a_finished_row_instead_of_reloading_its_plans(suite):
+    results, work = suite
+    key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
+    cache = PlanCache(run_suite.row_cache(work, "tiny-bert", "b1s16"))
+    first = cache.load(key).created
+    argv = ["--models", "tiny-bert", "--shapes", "b1s16", "--tolerances", "strict", "--force"]
+    argv += ["--oracle", "none", "--trials", "2", "--seconds", "1", "--work", str(work)]
+    assert run_suite.main([*argv, "--results", str(work / "results")]) == 0
+    again = json.loads((work / "results" / f"{autocpu.probe().fingerprint()}.json").read_text())
+    plan = again["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]
+    assert plan["study_trials"] == 2  # a new search with the new budget, not the cached one
+    assert cache.load(plan["key"]).created != first
