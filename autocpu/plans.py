@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -38,12 +39,14 @@ def cache_root() -> Path:
 
 
 def package_versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Installed versions; an imported package without metadata (a source tree on PYTHONPATH)
+    gives its ``__version__``."""
     found = {}
     for name in packages:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
+            found[name] = getattr(sys.modules.get(name), "__version__", "not installed")
     return found
 
 

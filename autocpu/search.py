@@ -35,6 +35,8 @@ NOISE = 0.03
 #: A candidate whose median passes this multiple of the best so far stops being measured.
 GIVE_UP_FACTOR = 1.5
 FINALISTS = 3
+#: A finalist must beat the baseline at this one-sided significance (signed-rank test).
+ALPHA = 0.05
 #: Random draws that look for a point no trial has measured, after the sampler proposed one that
 #: was; when none turns up, the search space is taken as exhausted and the study stops.
 FRESH_POINT_DRAWS = 200
@@ -210,16 +212,65 @@ class TrialRunner:
                 continue
             finalists.append(record)
         workloads = {"baseline": workload(self.baseline_runner(), self.batches)}
-        for index, record in enumerate(finalists):
+        labels = {f"candidate{index}": record for index, record in enumerate(finalists)}
+        for label, record in labels.items():
             runner, _ = self.runner(get_backend(record.backend), record.params)
-            workloads[f"candidate{index}"] = workload(runner, self.batches)
+            workloads[label] = workload(runner, self.batches)
         try:
-            comparison = interleaved(workloads, "baseline")
+            comparison = interleaved(
+                workloads, "baseline", settled=lambda so_far: not undecided(labels, so_far)
+            )
         finally:
             torch.set_num_threads(self.default_threads)
-        for index, record in enumerate(finalists):
-            record.speedup = comparison.speedup[f"candidate{index}"]
+        for label, record in labels.items():
+            record.speedup = comparison.speedup[label]
         return checked, comparison
+
+
+def _preferred(names: Mapping[str, TrialRecord], speedup: Mapping[str, float]) -> tuple[str, str]:
+    """The fastest finalist's label, and the simplest finalist within noise of it."""
+    fastest = max(names, key=lambda label: speedup[label])
+    ties = [label for label in names if speedup[label] >= speedup[fastest] * (1 - NOISE)]
+    simplest = min(
+        ties, key=lambda label: (get_backend(names[label].backend).simplicity, -speedup[label])
+    )
+    return fastest, simplest
+
+
+def undecided(names: Mapping[str, TrialRecord], comparison: Comparison) -> bool:
+    """Whether more interleaved rounds could still change the decision: the preferred finalist
+    is ahead of the baseline beyond noise but not yet proven faster."""
+    if not names:
+        return False
+    _, chosen = _preferred(names, comparison.speedup)
+    return comparison.speedup[chosen] >= 1 + NOISE and comparison.p_not_faster[chosen] > ALPHA
+
+
+def decide(names: Mapping[str, TrialRecord], comparison: Comparison) -> tuple[str, str]:
+    """Fastest finalist; within noise of it, the simplest; it must beat the baseline beyond
+    noise (median ratio) and beyond chance (signed-rank test over the rounds)."""
+    if not names:
+        return "baseline", "no candidate passed the accuracy gate: keeping the model as is"
+    speedup = comparison.speedup
+    fastest, chosen = _preferred(names, speedup)
+    record = names[chosen]
+    low, high = comparison.speedup_iqr[chosen]
+    p_value = comparison.p_not_faster[chosen]
+    details = (
+        f"IQR {low:.2f}-{high:.2f}, p={p_value:.3f} over {comparison.rounds} interleaved rounds"
+    )
+    if speedup[chosen] < 1 + NOISE or p_value > ALPHA:
+        return "baseline", (
+            f"no candidate beat the baseline beyond noise and chance (best: {record.backend} at "
+            f"{speedup[chosen]:.2f}x, {details}): keeping the model as is"
+        )
+    why = f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline ({details})"
+    if chosen != fastest:
+        why += (
+            f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
+            f"{NOISE:.0%} noise, and {record.backend} is simpler"
+        )
+    return chosen, why
 
 
 @dataclass
@@ -456,7 +507,7 @@ class Search:
         updated = {r.identity: r for r in checked}  # second-length verdicts and speedups
         finalists = [r for r in checked if r.status == "ok"]
         names = {f"candidate{i}": record for i, record in enumerate(finalists)}
-        winner_label, decision = self._decide(names, comparison.speedup, comparison.speedup_iqr)
+        winner_label, decision = decide(names, comparison)
         winner = names.get(winner_label, baseline)
         log.info("decision: %s", decision)
         baseline.speedup = 1.0
@@ -471,37 +522,3 @@ class Search:
             records=[baseline, *merged],
             study_trials=self._measured(),
         )
-
-    def _decide(
-        self,
-        names: dict[str, TrialRecord],
-        speedup: dict[str, float],
-        spread: dict[str, tuple[float, float]],
-    ) -> tuple[str, str]:
-        """Fastest finalist; within noise of it, the simplest; it must beat the baseline."""
-        if not names:
-            return "baseline", "no candidate passed the accuracy gate: keeping the model as is"
-        fastest = max(names, key=lambda label: speedup[label])
-        ties = [label for label in names if speedup[label] >= speedup[fastest] * (1 - NOISE)]
-        chosen = min(
-            ties,
-            key=lambda label: (self.backends[names[label].backend].simplicity, -speedup[label]),
-        )
-        record = names[chosen]
-        why = (
-            f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline "
-            f"(IQR {spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}, interleaved)"
-        )
-        if chosen != fastest:
-            why += (
-                f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
-                f"{NOISE:.0%} noise, and {record.backend} is simpler"
-            )
-        if speedup[chosen] < 1 + NOISE or spread[chosen][0] <= 1.0:
-            return "baseline", (
-                f"no candidate beat the baseline beyond noise (best: "
-                f"{record.backend} {speedup[chosen]:.2f}x, IQR "
-                f"{spread[chosen][0]:.2f}-{spread[chosen][1]:.2f}): keeping the "
-                "model as is"
-            )
-        return chosen, why

@@ -193,6 +193,25 @@ def test_session_gets_the_runtime_params(backend: OnnxRuntimeBackend, cases: dic
     )
 
 
+def test_gpt2_exports_with_its_kv_cache_whatever_the_process_imported_before(
+    backend: OnnxRuntimeBackend, cases: dict[str, Case]
+) -> None:
+    """optimum loads its ONNX model configs lazily: a fresh process (an isolated trial worker)
+    found GPT-2 unsupported and exported it without the KV cache, one that had imported them
+    exported it with the cache, and both used one folder, so a plan tuned in the first crashed
+    in the second (``use_cache=True`` ... does not support pkv cache reuse)."""
+    code = (
+        "from autocpu.backends._optimum_common import export_task; "
+        "print(export_task('onnx', 'gpt2', 'text-generation'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-1:] == ["text-generation-with-past"], done.stderr[-2000:]
+    params = backend.defaults(probe())
+    built = backend.build(cases["gpt2"].spec, params, cases["gpt2"].ctx)
+    assert built.with_past and built.path.parent.name.endswith("-text-generation-with-past")
+    assert backend.bind(built, params).fn.model.can_use_cache
+
+
 def test_generate_uses_the_kv_cache(backend: OnnxRuntimeBackend, cases: dict[str, Case]) -> None:
     got, expected = generated_tokens(backend, cases["gpt2"])
     assert torch.equal(got, expected)

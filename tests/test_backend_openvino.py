@@ -177,7 +177,9 @@ def test_unknown_weights_are_refused(backend: OpenVinoBackend, cases: dict[str, 
 
 def test_artifacts_live_under_the_context_dir(cases: dict[str, Case]) -> None:
     case = cases["bert"]
-    root = common.model_root(case.ctx, "openvino", case.spec, OpenVinoBackend.artifact_dists)
+    root = common.model_root(
+        case.ctx, "openvino", case.spec, OpenVinoBackend.artifact_dists, case.spec.task
+    )
     assert Path(case.ctx.artifact_dir) in root.parents
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -230,3 +231,20 @@ def test_the_budget_counts_distinct_candidates_and_stops_when_the_space_runs_out
 def test_unknown_search_strategy_is_refused_in_one_line():
     with pytest.raises(autocpu.AutocpuError, match="search='grid' is not known"):
         tune_here(tiny_model("bert"), tiny_inputs("bert"), search="grid")
+
+
+def test_a_source_checkout_without_package_metadata_records_its_version(monkeypatch):
+    """Run from a source tree on PYTHONPATH (no dist-info), autocpu still records the version
+    it is, so such plans are checked like any other instead of reading "not installed"."""
+    from autocpu.plans import package_versions
+
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    versions = package_versions(["autocpu", "torch", "surely-not-a-package"])
+    assert versions == {
+        "autocpu": autocpu.__version__,
+        "torch": torch.__version__,
+        "surely-not-a-package": "not installed",
+    }

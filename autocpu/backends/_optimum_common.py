@@ -39,8 +39,14 @@ TASK_CLASS_SUFFIX = {
     "text-generation": "CausalLM",
 }
 
-#: Importing these registers each exporter's model configs with optimum's TasksManager.
-_EXPORTER_MODULES = {"onnx": "optimum.exporters.onnx", "openvino": "optimum.exporters.openvino"}
+#: Importing these registers each exporter's model configs with optimum's TasksManager. The
+#: package alone is not enough: ``optimum.exporters.onnx`` loads its configs lazily, so GPT-2
+#: looked unsupported, or exportable with its KV cache, depending on what the process had
+#: imported before.
+_EXPORTER_MODULES = {
+    "onnx": "optimum.exporters.onnx.model_configs",
+    "openvino": "optimum.exporters.openvino.model_configs",
+}
 
 #: Present in a variant folder only once everything in it has been written.
 COMPLETE_MARKER = ".autocpu-complete"
@@ -238,10 +244,15 @@ class TorchLikeModel:
         return getattr(self.model, name)
 
 
-def model_root(ctx: BuildContext, prefix: str, spec: ModelSpec, dists: Iterable[str]) -> Path:
-    """``<artifact_dir>/<prefix>-<versions hash>/<model fingerprint>-<task>``."""
+def model_root(
+    ctx: BuildContext, prefix: str, spec: ModelSpec, dists: Iterable[str], export_task: str
+) -> Path:
+    """``<artifact_dir>/<prefix>-<versions hash>/<model fingerprint>-<export task>``: an export
+    with the KV cache and one without never share a folder."""
     return (
-        ctx.artifact_dir / f"{prefix}-{versions_hash(dists)}" / f"{spec.fingerprint_id}-{spec.task}"
+        ctx.artifact_dir
+        / f"{prefix}-{versions_hash(dists)}"
+        / f"{spec.fingerprint_id}-{export_task}"
     )
 
 

@@ -137,8 +137,8 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext
     ) -> common.ExportedVariant:
         """The variant folder for the build params, exporting or deriving only what is missing."""
-        root = common.model_root(ctx, "onnx", spec, self.artifact_dists)
         task = common.export_task("onnx", spec.model_type, spec.task)
+        root = common.model_root(ctx, "onnx", spec, self.artifact_dists, task)
         folder = root / "fp32"
         common.make_variant(
             ctx, self.name, folder, lambda tmp: self._export(spec, ctx, task, tmp), task=task

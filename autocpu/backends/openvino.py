@@ -119,8 +119,8 @@ class OpenVinoBackend(common.OptimumBackend):
         self, spec: ModelSpec, params: Mapping[str, Any], ctx: BuildContext
     ) -> common.ExportedVariant:
         """The IR folder for the build params, exporting or compressing only what is missing."""
-        root = common.model_root(ctx, "openvino", spec, self.artifact_dists)
         task = common.export_task("openvino", spec.model_type, spec.task)
+        root = common.model_root(ctx, "openvino", spec, self.artifact_dists, task)
         folder = root / "fp32"
         common.make_variant(
             ctx, self.name, folder, lambda tmp: _export(spec, ctx, task, tmp), task=task
