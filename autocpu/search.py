@@ -237,13 +237,18 @@ def _preferred(names: Mapping[str, TrialRecord], speedup: Mapping[str, float]) -
     return fastest, simplest
 
 
+def _proven(comparison: Comparison, label: str) -> bool:
+    """Faster than the baseline beyond noise (median ratio) and beyond chance (signed rank)."""
+    return comparison.speedup[label] >= 1 + NOISE and comparison.p_not_faster[label] <= ALPHA
+
+
 def undecided(names: Mapping[str, TrialRecord], comparison: Comparison) -> bool:
     """Whether more interleaved rounds could still change the decision: the preferred finalist
     is ahead of the baseline beyond noise but not yet proven faster."""
     if not names:
         return False
     _, chosen = _preferred(names, comparison.speedup)
-    return comparison.speedup[chosen] >= 1 + NOISE and comparison.p_not_faster[chosen] > ALPHA
+    return comparison.speedup[chosen] >= 1 + NOISE and not _proven(comparison, chosen)
 
 
 def decide(names: Mapping[str, TrialRecord], comparison: Comparison) -> tuple[str, str]:
@@ -259,7 +264,7 @@ def decide(names: Mapping[str, TrialRecord], comparison: Comparison) -> tuple[st
     details = (
         f"IQR {low:.2f}-{high:.2f}, p={p_value:.3f} over {comparison.rounds} interleaved rounds"
     )
-    if speedup[chosen] < 1 + NOISE or p_value > ALPHA:
+    if not _proven(comparison, chosen):
         return "baseline", (
             f"no candidate beat the baseline beyond noise and chance (best: {record.backend} at "
             f"{speedup[chosen]:.2f}x, {details}): keeping the model as is"
