@@ -177,9 +177,9 @@ def compare_outputs(
         report.max_rel = max(report.max_rel, rel)
         report.min_cosine = min(report.min_cosine, cosine)
         if rel > tolerance.max_rel:
-            report.failures.append(f"{name}: relative diff {rel:.2e} > {tolerance.max_rel:.0e}")
+            report.failures.append(f"{name}: relative diff {rel:.2e} > {tolerance.max_rel:g}")
         if tolerance.max_abs is not None and max_abs > tolerance.max_abs:
-            report.failures.append(f"{name}: abs diff {max_abs:.2e} > {tolerance.max_abs:.0e}")
+            report.failures.append(f"{name}: abs diff {max_abs:.2e} > {tolerance.max_abs:g}")
         if cosine < tolerance.min_cosine:
             report.failures.append(f"{name}: cosine {cosine:.6f} < {tolerance.min_cosine}")
         if name.endswith("logits") and ref.dim() >= 1 and ref.shape[-1] > 1:

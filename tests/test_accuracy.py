@@ -47,6 +47,15 @@ def test_perturbation_is_measured_and_fails_strict_but_passes_loose():
     assert compare_outputs(ref, noisy, Tolerance.int8()).passed
 
 
+def test_a_failure_names_the_bound_as_set():
+    """0.15 used to print as 1e-01, making 1.66e-01 > 1e-01 look like the wrong preset."""
+    ref = {"last_hidden_state": torch.ones(2, 8, 16)}
+    report = compare_outputs(
+        ref, {"last_hidden_state": ref["last_hidden_state"] * 1.2}, Tolerance.int8()
+    )
+    assert report.failures == ["last_hidden_state: relative diff 2.00e-01 > 0.15"]
+
+
 def test_argmax_disagreement_on_logits_fails():
     logits = torch.tensor([[1.0, 0.9], [0.2, 0.3]])
     flipped = torch.tensor([[0.9, 1.0], [0.2, 0.3]])
