@@ -428,12 +428,13 @@ class Search:
         then every backend's defaults. The recipes go before the fp32 defaults because they are
         what a loose tolerance is for: on a CPU with AMX, a 95 s study measured five fp32
         defaults and never reached bf16."""
-        lossy = [
-            (b.name, params)
-            for b in self.backends.values()
-            for params in (b.lossy_defaults(self.spec, self.hw) if self.lossy else [])
-        ]
-        defaults = [(b.name, b.defaults(self.hw)) for b in self.backends.values()]
+        backends = self.backends.values()
+        lossy = (
+            [(b.name, params) for b in backends for params in b.lossy_defaults(self.spec, self.hw)]
+            if self.lossy
+            else []
+        )
+        defaults = [(b.name, b.defaults(self.hw)) for b in backends]
         return [*self.seeds, *lossy, *defaults]
 
     def _stop_at_budget(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:

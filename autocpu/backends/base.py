@@ -106,7 +106,7 @@ class Backend(ABC):
         """The settings a user following the backend's own docs would use; tried first."""
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
-        """The usual bf16/int8 recipes, tried right after the defaults when the tolerance
+        """The usual bf16/int8 recipes, tried before every backend's defaults when the tolerance
         admits them (TPE may otherwise not draw them within a small budget)."""
         return []
 
