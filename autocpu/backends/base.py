@@ -103,7 +103,7 @@ class Backend(ABC):
 
     @abstractmethod
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
-        """The settings a user following the backend's own docs would use; tried first."""
+        """The settings a user following the backend's own docs would use; tried before TPE."""
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
         """The usual bf16/int8 recipes, tried before every backend's defaults when the tolerance
