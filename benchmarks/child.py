@@ -93,6 +93,7 @@ def main() -> None:
         with PeakTreeRss() as peak:
             tuned = autocpu.tune(model, batch, **options)
         result = {"tune_s": time.perf_counter() - started, "tune_peak_rss_mb": peak.peak / 2**20}
+        result["tune_from_cache"] = tuned.from_cache
         if tuned.from_cache:  # an interrupted suite resumed: report the original search
             result |= {"tune_s": tuned.plan.tune_seconds, "tune_peak_rss_mb": None}
     else:

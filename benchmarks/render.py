@@ -130,12 +130,13 @@ def summary(results: dict, shape: str) -> str:
 
 
 def _run_table(run: dict, peaks: dict) -> list[str]:
+    tuned = f" (autocpu's plans tuned {run['plans_tuned']})" if "plans_tuned" in run else ""
     lines = [
         f"### {run['model']}, batch {run['batch_size']}, seq {run['seq_len']}",
         "",
         f"{run['model_description']}; {run['gflop_per_call']:.3g} GFLOP per call; "
-        f"{run['rounds']} interleaved rounds; measured {run['measured']}; plain model serving "
-        f"RSS {run['baseline_serving_rss_mb']:.0f} MB.",
+        f"{run['rounds']} interleaved rounds; measured {run['measured']}{tuned}; plain model "
+        f"serving RSS {run['baseline_serving_rss_mb']:.0f} MB.",
         "",
         "| column | median ms | speedup (IQR) | precision | GFLOP/s | of peak | max abs diff "
         "| cosine | one-time cost |",

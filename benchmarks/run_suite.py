@@ -34,7 +34,7 @@ from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
 from autocpu.search import workload
-from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle
+from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle, shipped_plan
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
@@ -129,14 +129,18 @@ def plan_column(name: str, tuned: dict, model: torch.nn.Module, batch: dict, cac
     return Column(name, label, applied, precision, setup_s, time.perf_counter() - started)
 
 
-def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dict:
+def run_one(
+    name: str, shape: str, args: argparse.Namespace, peaks: dict, earlier: dict | None = None
+) -> dict:
+    """Measure one model and shape. ``earlier`` is the row's previous run when it is measured
+    again with reused plans: their tunes' costs come from it."""
     zoo = MODELS[name]
     model_dir = materialize(name, args.work)
     cache = row_cache(args.work, name, shape)
     model = load_model_dir(model_dir, zoo.task)
     batch = synthesize_inputs(str(model_dir), model.config, *SHAPES[shape])
     flops = flops_per_call(model, batch)
-    oracle = args.oracle_all or f"{name}/{shape}" in args.oracle
+    oracle = wants_oracle(args, f"{name}/{shape}")
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
     say("  serving memory of the plain model")
     baseline_rss = child("serve", model_dir, zoo.task, shape, cache)["serving_rss_mb"]
@@ -189,6 +193,7 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
             }
         row |= tuned.get(column.name, {})
         rows[column.name] = row
+    tuned_before = keep_tune_costs(rows, earlier) if earlier else None
     return {
         "model": name,
         "model_description": zoo.description,
@@ -201,7 +206,40 @@ def run_one(name: str, shape: str, args: argparse.Namespace, peaks: dict) -> dic
         "columns": rows,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu_busy_percent_before": autocpu.api.busy_percent(),
-    }
+    } | ({"plans_tuned": tuned_before} if tuned_before else {})
+
+
+def reuse_plans(earlier: dict, cache: Path) -> list[str]:
+    """Put a finished row's autocpu plans back into its cache (from the work folder, else the
+    shipped tuning database), so measuring the row again does not search again."""
+    target = PlanCache(cache)
+    reused = []
+    for name, column in earlier["columns"].items():
+        if not name.startswith("autocpu_") or "key" not in column:
+            continue
+        if target.load(column["key"]) is None:
+            shared = shipped_plan(column["key"])
+            if shared is None:
+                continue
+            install(target, shared)
+        reused.append(name)
+    return reused
+
+
+def keep_tune_costs(rows: dict[str, dict], earlier: dict) -> str | None:
+    """A plan answered from the cache keeps the tune time and memory its search measured; returns
+    when that search ran, or None when every plan was tuned anew."""
+    kept = False
+    for name, row in rows.items():
+        before = earlier["columns"].get(name, {})
+        if row.get("tune_from_cache") and before.get("key") == row.get("key"):
+            row |= {k: before[k] for k in ("tune_s", "tune_peak_rss_mb") if k in before}
+            kept = True
+    return earlier.get("plans_tuned", earlier["measured"]) if kept else None
+
+
+def wants_oracle(args: argparse.Namespace, run_id: str) -> bool:
+    return args.oracle_all or run_id in args.oracle
 
 
 def row_cache(work: Path, model: str, shape: str) -> Path:
@@ -247,7 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--oracle",
         default="all",
-        help="'all', 'none', or MODEL/SHAPE,... runs that also get the exhaustive sweep",
+        help="'all', 'none', or MODEL/SHAPE,... runs that also get the exhaustive sweep (a "
+        "finished row without one is measured again, its plans reused)",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/autocpu-bench"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -322,14 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for shape in args.shapes:
             run_id = f"{name}/{shape}"
-            if run_id in results["runs"] and not args.force:
+            earlier = None if args.force else results["runs"].get(run_id)
+            if earlier and (
+                not wants_oracle(args, run_id) or "oracle_strict" in earlier["columns"]
+            ):
                 say(f"{run_id}: already measured (--force re-runs it)")
                 continue
             if args.force:  # else the tunes would answer from the row's cached plans
                 shutil.rmtree(row_cache(args.work, name, shape), ignore_errors=True)
+            if earlier:
+                reused = reuse_plans(earlier, row_cache(args.work, name, shape))
+                say(f"{run_id}: measured again with the oracle; plans reused: {reused or 'none'}")
             say(f"{run_id}: start")
             try:
-                results["runs"][run_id] = run_one(name, shape, args, results["gemm_peaks"])
+                results["runs"][run_id] = run_one(name, shape, args, results["gemm_peaks"], earlier)
             except (AutocpuError, RuntimeError) as error:
                 say(f"{run_id}: FAILED: {error}")
                 continue

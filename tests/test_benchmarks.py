@@ -88,6 +88,32 @@ def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path
     assert tuned.source == "tuning_db" and tuned.plan.key == key
 
 
+def test_an_oracle_asked_for_a_finished_row_reuses_its_shipped_plans(suite, tmp_path, monkeypatch):
+    """The row's work folder is gone (a new session): its plans come back from the tuning
+    database, the oracle sweeps, the row is measured again, and the tunes' costs are kept."""
+    results, work = suite
+    fingerprint = results["machine"]["fingerprint"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / f"{fingerprint}.json").write_text(json.dumps(results))
+    monkeypatch.setenv("AUTOCPU_TUNING_DB", str(work / "db"))
+    argv = ["--models", "tiny-bert", "--shapes", "b1s16", "--tolerances", "strict"]
+    argv += ["--oracle", "tiny-bert/b1s16", "--seconds", "1", "--work", str(tmp_path / "work")]
+    assert run_suite.main([*argv, "--results", str(tmp_path / "results")]) == 0
+    again = json.loads((tmp_path / "results" / f"{fingerprint}.json").read_text())
+    before = results["runs"]["tiny-bert/b1s16"]
+    run = again["runs"]["tiny-bert/b1s16"]
+    plan, earlier_plan = run["columns"]["autocpu_strict"], before["columns"]["autocpu_strict"]
+    assert plan["key"] == earlier_plan["key"] and plan["tune_from_cache"]
+    for kept in ("tune_s", "tune_peak_rss_mb", "study_trials"):
+        assert plan[kept] == earlier_plan[kept], kept
+    assert run["plans_tuned"] == before["measured"] and run["measured"] != before["measured"]
+    oracle = run["columns"]["oracle_strict"]
+    assert oracle["speedup"] > 0 and oracle["strict_ok"] and oracle["study_trials"] > 4
+    assert not oracle["tune_from_cache"]
+    row = render.summary(again, "b1s16").splitlines()[2]
+    assert not row.endswith("| not run |")
+
+
 def test_force_re_tunes_a_finished_row_instead_of_reloading_its_plans(suite):
     results, work = suite
     key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
