@@ -34,7 +34,7 @@ from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
 from autocpu.search import workload
-from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle, shipped_plan
+from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle, tuning_db
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
@@ -213,12 +213,13 @@ def reuse_plans(earlier: dict, cache: Path) -> list[str]:
     """Put a finished row's autocpu plans back into its cache (from the work folder, else the
     shipped tuning database), so measuring the row again does not search again."""
     target = PlanCache(cache)
+    shipped = {entry.plan.key: entry for entry in tuning_db()}  # one read of the bundle
     reused = []
     for name, column in earlier["columns"].items():
         if not name.startswith("autocpu_") or "key" not in column:
             continue
         if target.load(column["key"]) is None:
-            shared = shipped_plan(column["key"])
+            shared = shipped.get(column["key"])
             if shared is None:
                 continue
             install(target, shared)
