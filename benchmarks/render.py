@@ -89,6 +89,10 @@ def targets(run: dict) -> list[tuple[str, str, bool]]:
     return checks
 
 
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} MB"
+
+
 def _plan_cell(column: dict | None) -> str:
     if column is None:
         return "not run"
@@ -136,16 +140,15 @@ def _run_table(run: dict, peaks: dict) -> list[str]:
         "",
         f"{run['model_description']}; {run['gflop_per_call']:.3g} GFLOP per call; "
         f"{run['rounds']} interleaved rounds; measured {run['measured']}{tuned}; plain model "
-        f"serving RSS {run['baseline_serving_rss_mb']:.0f} MB.",
+        f"serving RSS {_mb(run.get('baseline_serving_rss_mb'))} (process peak, loading "
+        f"included: {_mb(run.get('baseline_process_peak_rss_mb'))}).",
         "",
         "| column | median ms | speedup (IQR) | precision | GFLOP/s | of peak | max abs diff "
         "| cosine | one-time cost |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ORDER:
-        c = run["columns"].get(name)
-        if c is None:
-            continue
+    columns = [run["columns"][name] for name in ORDER if name in run["columns"]]
+    for c in columns:
         if c.get("error"):
             lines.append(f"| {c['label']} | failed: {c['error'][:90]} | | | | | | | |")
             continue
@@ -157,22 +160,21 @@ def _run_table(run: dict, peaks: dict) -> list[str]:
             f"| {c['gflops']:.0f} | {'—' if fraction is None else f'{fraction:.0%}'} "
             f"| {c['max_abs']:.1e} | {c['min_cosine']:.5f} | {cost} |"
         )
-    plans = [c for c in run["columns"].values() if c["kind"] in ("autocpu", "oracle")]
+    plans = [c for c in columns if c["kind"] in ("autocpu", "oracle")]
     if plans:
         lines += [
             "",
-            "| plan | winner | tune time | trials | tune peak RSS | reload | serving RSS |",
-            "|---|---|---|---|---|---|---|",
+            "| plan | winner | tune time | trials | tune peak RSS | reload | serving RSS "
+            "| process peak RSS |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in plans:
             params = ", ".join(f"{k}={v}" for k, v in sorted(c["params"].items()))
             reload = f"{c['reload_s']:.2f} s" if "reload_s" in c else "—"
-            serving = f"{c['serving_rss_mb']:.0f} MB" if "serving_rss_mb" in c else "—"
-            peak = c.get("tune_peak_rss_mb")
             lines.append(
                 f"| {c['label']} | {c['backend']} ({params}) | {c['tune_s']:.0f} s "
-                f"| {c['study_trials']} | {'—' if peak is None else f'{peak:.0f} MB'} "
-                f"| {reload} | {serving} |"
+                f"| {c['study_trials']} | {_mb(c.get('tune_peak_rss_mb'))} | {reload} "
+                f"| {_mb(c.get('serving_rss_mb'))} | {_mb(c.get('process_peak_rss_mb'))} |"
             )
     return [*lines, ""]
 

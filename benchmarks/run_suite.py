@@ -143,7 +143,7 @@ def run_one(
     oracle = wants_oracle(args, f"{name}/{shape}")
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
     say("  serving memory of the plain model")
-    baseline_rss = child("serve", model_dir, zoo.task, shape, cache)["serving_rss_mb"]
+    baseline_rss = child("serve", model_dir, zoo.task, shape, cache)
     say("  building by-hand columns")
     with quiet_build_logs():
         columns = [build_column(c, model_dir, zoo.task, batch) for c in BY_HAND]
@@ -202,7 +202,8 @@ def run_one(
         "seq_len": SHAPES[shape][1],
         "gflop_per_call": flops / 1e9,
         "rounds": comparison.rounds,
-        "baseline_serving_rss_mb": baseline_rss,
+        "baseline_serving_rss_mb": baseline_rss["serving_rss_mb"],
+        "baseline_process_peak_rss_mb": baseline_rss["process_peak_rss_mb"],
         "columns": rows,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu_busy_percent_before": autocpu.api.busy_percent(),

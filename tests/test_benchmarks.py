@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import autocpu
 from autocpu.inputs import synthesize_inputs
@@ -61,6 +62,17 @@ def test_the_strict_plan_is_accurate_reloaded_and_costed(suite):
     assert plan["strict_ok"] and plan["from_cache"] and plan["study_trials"] >= 4
     assert 0 < plan["reload_s"] < plan["tune_s"]
     assert plan["tune_peak_rss_mb"] > 100 and plan["serving_rss_mb"] > 100
+    assert plan["serving_rss_mb"] <= plan["process_peak_rss_mb"]
+
+
+def test_serving_memory_leaves_out_what_loading_held_and_freed(monkeypatch):
+    from benchmarks import child
+
+    monkeypatch.setattr(child, "SERVE_SECONDS", 0.2)
+    transient = torch.ones(64 << 20)  # 256 MiB touched and freed, as a load's copies are
+    del transient
+    memory = child.serve(torch.nn.Linear(8, 8), {"input": torch.ones(1, 8)})
+    assert memory["process_peak_rss_mb"] - memory["serving_rss_mb"] > 200
 
 
 def test_markdown_and_chart_are_written_from_the_json(suite):
