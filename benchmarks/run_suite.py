@@ -255,7 +255,7 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
     earlier = {shared.plan.key: shared for shared in read_bundle(target)} if target.exists() else {}
     combined = PlanCache(work / "tuning-db-export")
     keys = []
-    for run in results["runs"].values():
+    for row, run in results["runs"].items():
         source = PlanCache(row_cache(work, run["model"], run["shape"]))
         for name, column in run["columns"].items():
             if not name.startswith("autocpu_") or "key" not in column:
@@ -267,15 +267,13 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
                 canary = source.canary_path(plan.key)
                 shared = SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
             if shared is None:
-                say(f"  not shipped: {run['model']} {name} (its plan is in neither cache)")
+                say(f"  not shipped: {row} {name} (its plan is in neither cache)")
             elif len(shared.canary or b"") > MAX_SHIPPED_CANARY_BYTES:
-                say(
-                    f"  not shipped: {run['model']} {name} (canary of {len(shared.canary) >> 20} MiB)"
-                )
+                say(f"  not shipped: {row} {name} (canary of {len(shared.canary) >> 20} MiB)")
             else:
                 install(combined, shared)
                 keys.append(shared.plan.key)
-    export_bundle(combined, keys, target)
+    export_bundle(combined, sorted(keys), target)  # one order, whichever rows ran this time
     return target
 
 

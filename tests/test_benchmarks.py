@@ -4,9 +4,11 @@ interleaved measurement, and the files it commits (JSON, markdown, PNG, tuning d
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -73,6 +75,17 @@ def test_serving_memory_leaves_out_what_loading_held_and_freed(monkeypatch):
     del transient
     memory = child.serve(torch.nn.Linear(8, 8), {"input": torch.ones(1, 8)})
     assert memory["process_peak_rss_mb"] - memory["serving_rss_mb"] > 200
+
+
+def test_a_child_reports_its_own_peak_not_the_rss_it_was_forked_with():
+    held = torch.ones(256 << 20)  # 1 GiB in this process while the child starts
+    assert psutil.Process().memory_info().rss > 1100 * 2**20
+    code = "from benchmarks.child import own_peak_rss_mb; print(own_peak_rss_mb())"
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    del held
+    assert 50 < float(child.stdout) < 1024  # torch imported, not this process's gigabyte
 
 
 def test_markdown_and_chart_are_written_from_the_json(suite):
