@@ -7,8 +7,7 @@ different CPU behind the same fingerprint) is stale: not used, and re-tuned.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from autocpu.accuracy import AccuracyReport, Tolerance, compare_outputs
 from autocpu.outputs import named_tensors
+from autocpu.plans import atomic_write
 
 #: Rows of the first example batch kept as the probe (shapes stay what the plan was tuned on).
 PROBE_ROWS = 2
@@ -31,11 +31,9 @@ def save_canary(path: Path, batch: dict[str, Any], model: Callable[..., Any]) ->
     inputs = probe_batch(batch)
     with torch.inference_mode():
         outputs = named_tensors(model(**inputs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save({"inputs": inputs, "outputs": outputs}, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save({"inputs": inputs, "outputs": outputs}, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) -> AccuracyReport:

@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import platform
+import secrets
 import sys
-import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -243,13 +243,19 @@ class PlanCache:
         return path
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target.
+
+    The temp file is created like ``open()`` would (0o666 less the umask), not 0600 as
+    ``mkstemp`` does: a plan cache on a team volume, an exported bundle or a report must stay
+    readable by whoever could read a plainly written file there.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

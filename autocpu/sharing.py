@@ -70,11 +70,7 @@ def read_bundle(path: Path) -> list[SharedPlan]:
 def install(cache: PlanCache, shared: SharedPlan) -> None:
     """Put a shared plan (and its canary) into the cache, as if tuned here."""
     if shared.canary is not None:
-        canary = cache.canary_path(shared.plan.key)
-        canary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = canary.with_suffix(".tmp")
-        tmp.write_bytes(shared.canary)
-        os.replace(tmp, canary)
+        atomic_write(cache.canary_path(shared.plan.key), shared.canary)
     cache.save(shared.plan)
 
 

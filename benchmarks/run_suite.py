@@ -311,7 +311,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="write the suite's plans to DIR/<fingerprint>.json (default DIR: tuning_db/)",
     )
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="measure nothing: export the finished rows' plans (to tuning_db/ unless "
+        "--export-tuning-db names a DIR)",
+    )
     args = parser.parse_args(argv)
+    if args.export_only and args.export_tuning_db is None:
+        args.export_tuning_db = ROOT / "tuning_db"
     args.models = [m for m in args.models.split(",") if m]
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.tolerances = [t for t in args.tolerances.split(",") if t]
@@ -333,11 +341,11 @@ def load_results(path: Path, hw: autocpu.CpuInfo) -> dict:
     return {"machine": {**hw.to_dict(), "fingerprint": hw.fingerprint()}, "runs": {}}
 
 
-def save(results: dict, path: Path, stem: Path) -> None:
-    """The JSON, then the markdown and chart rendered from it."""
+def save(results: dict, path: Path) -> None:
+    """The JSON, then the markdown and chart rendered from it (same name, other suffixes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, sort_keys=True))
-    render.write(results, stem)
+    render.write(results, path.with_suffix(""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,9 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = hw.fingerprint()
     path = args.results / f"{fingerprint}.json"
     results = load_results(path, hw)
+    if not args.export_only:
+        measure_rows(results, args, path, hw.native_bf16)
+    if args.export_tuning_db:
+        target = args.export_tuning_db / f"{fingerprint}.json"
+        say(f"tuning database: {export_tuning_db(results, args.work, target)}")
+    return 0
+
+
+def measure_rows(results: dict, args: argparse.Namespace, path: Path, native_bf16: bool) -> None:
+    """Measure every asked-for row that is not finished yet, saving the results after each."""
     if "gemm_peaks" not in results or args.force or args.remeasure_peak:
         say("measuring the GEMM peak per precision")
-        results["gemm_peaks"] = gemm_peaks(hw.native_bf16)
+        results["gemm_peaks"] = gemm_peaks(native_bf16)
         results["threads"] = torch.get_num_threads()
         peaks = results["gemm_peaks"]
         for column in (c for run in results["runs"].values() for c in run["columns"].values()):
@@ -357,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     column["gflops"], column["precision"], peaks
                 )
         if results["runs"]:
-            save(results, path, args.results / fingerprint)
+            save(results, path)
     for name in args.models:
         for shape in args.shapes:
             run_id = f"{name}/{shape}"
@@ -381,12 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             results["versions"] = current_versions(
                 sorted({p for b in all_backends() for p in b.requires})
             )
-            save(results, path, args.results / fingerprint)
+            save(results, path)
             say(f"{run_id}: done")
-    if args.export_tuning_db:
-        target = args.export_tuning_db / f"{fingerprint}.json"
-        say(f"tuning database: {export_tuning_db(results, args.work, target)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,17 @@ def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path
     assert tuned.source == "tuning_db" and tuned.plan.key == key
 
 
+def test_export_only_writes_the_tuning_db_and_measures_nothing(suite, tmp_path):
+    results, work = suite
+    fingerprint = results["machine"]["fingerprint"]
+    before = (work / "results" / f"{fingerprint}.json").read_text()
+    argv = ["--export-only", "--work", str(work), "--results", str(work / "results")]
+    assert run_suite.main([*argv, "--export-tuning-db", str(tmp_path)]) == 0
+    key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
+    assert [shared.plan.key for shared in read_bundle(tmp_path / f"{fingerprint}.json")] == [key]
+    assert (work / "results" / f"{fingerprint}.json").read_text() == before
+
+
 def test_an_oracle_asked_for_a_finished_row_reuses_its_shipped_plans(suite, tmp_path, monkeypatch):
     """The row's work folder is gone (a new session): its plans come back from the tuning
     database, the oracle sweeps, the row is measured again, and the tunes' costs are kept."""

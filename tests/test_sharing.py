@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 from conftest import tiny_inputs, tiny_model
 
@@ -19,7 +22,14 @@ def tune_here(*args, **kwargs):
     return autocpu.tune(*args, isolation="none", **kwargs)
 
 
-def test_export_then_import_on_another_cache_reuses_the_plan(tmp_path, cache_dir):
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_export_then_import_on_another_cache_reuses_the_plan(tmp_path, cache_dir, umask_022):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     tuned = tune_here(model, inputs, n_trials=3, backends=FAST)
     bundle = tmp_path / "plans.json"
@@ -27,6 +37,9 @@ def test_export_then_import_on_another_cache_reuses_the_plan(tmp_path, cache_dir
     other = PlanCache(tmp_path / "other-machine-cache")
     assert [p.key for p in import_bundle(other, bundle)] == [tuned.plan.key]
     assert other.canary_path(tuned.plan.key).exists()  # it keeps checking itself
+    # Shared files are written as open() would (0o666 less the umask), not mkstemp's 0600.
+    for written in (bundle, other.path(tuned.plan.key), other.canary_path(tuned.plan.key)):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
     calls = []
     again = tune_here(
         model, inputs, n_trials=3, backends=FAST, cache_dir=other.root, progress=calls.append
