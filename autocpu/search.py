@@ -394,10 +394,11 @@ class Search:
         return list(found.values())
 
     def _measured(self) -> int:
-        """Finished trials that measured a candidate (repeats of a measured point excluded)."""
+        """Finished trials that measured a candidate: repeats of a measured point, and trials
+        killed mid-run (failed without a record; their point is queued again), excluded."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         trials = self.study.get_trials(deepcopy=False, states=states)
-        return sum("repeat_of" not in t.user_attrs for t in trials)
+        return sum("record" in t.user_attrs and "repeat_of" not in t.user_attrs for t in trials)
 
     def _enqueue(self, name: str, params: Mapping[str, Any]) -> None:
         backend = self.backends[name]

@@ -104,20 +104,29 @@ def open_study(
             f"this one is {machine}",
             "share a study only between machines of the same fingerprint (autocpu probe)",
         )
-    fail_interrupted_trials(study)
+    retry_interrupted_trials(study)
     return study
 
 
-def fail_interrupted_trials(study: optuna.Study) -> int:
-    """Mark RUNNING trials of dead local processes as FAIL (a tune killed mid-trial)."""
+def retry_interrupted_trials(study: optuna.Study) -> int:
+    """Mark RUNNING trials of dead local processes as FAIL and queue their points again.
+
+    A tune killed mid-trial measured nothing there. Left failed, the point would count as
+    tried: the exhaustive sampler would never return to it and a budget would lose a trial.
+    """
     import psutil
 
     host = socket.gethostname()
-    failed = 0
+    retried = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
         owner, _, pid = worker.rpartition(":")
-        if owner == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if owner != host or not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        try:
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            failed += 1
-    return failed
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process resuming the same study got there first
+        study.enqueue_trial(trial.params)
+        retried += 1
+    return retried
