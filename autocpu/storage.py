@@ -104,7 +104,9 @@ def open_study(
             f"this one is {machine}",
             "share a study only between machines of the same fingerprint (autocpu probe)",
         )
-    retry_interrupted_trials(study)
+    retried = retry_interrupted_trials(study)
+    if retried:
+        log.info("%d trial(s) interrupted by a killed tune are queued to run again", retried)
     return study
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -113,7 +114,7 @@ def test_a_tune_killed_with_sigkill_resumes_without_repeating_trials(model_dir, 
     assert first_latencies <= plan_latencies  # their results were kept, not re-measured
 
 
-def test_a_trial_killed_mid_run_is_measured_when_its_study_resumes(cache_dir):
+def test_a_trial_killed_mid_run_is_measured_when_its_study_resumes(cache_dir, caplog):
     """Left as a failed trial, its point would count as tried: an exhaustive sweep resumed after
     the kill stopped one point short (the AMX machine's MiniLM b8 oracle: 125 of 126)."""
     from autocpu.search import make_sampler
@@ -126,7 +127,9 @@ def test_a_trial_killed_mid_run_is_measured_when_its_study_resumes(cache_dir):
     trial = study.ask()
     trial.suggest_categorical("x", points)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{killed.pid}")  # as the search does
-    resumed = open_study("killed", "machine", cache_dir, sampler=make_sampler("exhaustive"))
+    with caplog.at_level(logging.INFO, logger="autocpu.storage"):
+        resumed = open_study("killed", "machine", cache_dir, sampler=make_sampler("exhaustive"))
+    assert "1 trial(s) interrupted by a killed tune are queued to run again" in caplog.text
     resumed.optimize(lambda t: float(points.index(t.suggest_categorical("x", points))))
     measured = resumed.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert sorted(t.params["x"] for t in measured) == points
