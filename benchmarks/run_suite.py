@@ -47,7 +47,8 @@ DEFAULT_MODELS = ("bert-base", "distilbert-base", "roberta-base", "gpt2", "all-M
 #: Seconds of interleaved rounds per model and shape (at least MIN_ROUNDS rounds).
 MEASURE_SECONDS = {"b1s128": 90.0, "b8s128": 180.0, "b1s16": 5.0}
 MIN_ROUNDS = 10
-#: Canaries keep full reference outputs: GPT-2's logits make 51 MiB each, too big to commit.
+#: Canaries keep full reference outputs: GPT-2's logits make 24-49 MiB each, too big to commit.
+#: Such plans ship without one; tune() makes it from the model on the plan's first use.
 MAX_SHIPPED_CANARY_BYTES = 4 << 20
 
 
@@ -253,7 +254,9 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
     """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``. Plans of
     rows measured in an earlier session, whose work folder is gone, are kept from the bundle."""
     earlier = {shared.plan.key: shared for shared in read_bundle(target)} if target.exists() else {}
-    combined = PlanCache(work / "tuning-db-export")
+    staging = work / "tuning-db-export"
+    shutil.rmtree(staging, ignore_errors=True)  # a canary left by an earlier export must not ship
+    combined = PlanCache(staging)
     keys = []
     for row, run in results["runs"].items():
         source = PlanCache(row_cache(work, run["model"], run["shape"]))
@@ -268,9 +271,11 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
                 shared = SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
             if shared is None:
                 say(f"  not shipped: {row} {name} (its plan is in neither cache)")
-            elif len(shared.canary or b"") > MAX_SHIPPED_CANARY_BYTES:
-                say(f"  not shipped: {row} {name} (canary of {len(shared.canary) >> 20} MiB)")
             else:
+                size = len(shared.canary or b"")
+                if size > MAX_SHIPPED_CANARY_BYTES:
+                    say(f"  shipped without its canary ({size >> 20} MiB): {row} {name}")
+                    shared = SharedPlan(shared.plan, None)
                 install(combined, shared)
                 keys.append(shared.plan.key)
     export_bundle(combined, sorted(keys), target)  # one order, whichever rows ran this time

@@ -124,6 +124,17 @@ def test_export_only_writes_the_tuning_db_and_measures_nothing(suite, tmp_path):
     assert (work / "results" / f"{fingerprint}.json").read_text() == before
 
 
+def test_a_plan_whose_canary_is_too_big_ships_without_it(suite, tmp_path, monkeypatch):
+    results, work = suite
+    fingerprint = results["machine"]["fingerprint"]
+    monkeypatch.setattr(run_suite, "MAX_SHIPPED_CANARY_BYTES", 0)
+    argv = ["--export-only", "--work", str(work), "--results", str(work / "results")]
+    assert run_suite.main([*argv, "--export-tuning-db", str(tmp_path)]) == 0
+    key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
+    shipped = read_bundle(tmp_path / f"{fingerprint}.json")
+    assert [(entry.plan.key, entry.canary) for entry in shipped] == [(key, None)]
+
+
 def test_an_oracle_asked_for_a_finished_row_reuses_its_shipped_plans(suite, tmp_path, monkeypatch):
     """The row's work folder is gone (a new session): its plans come back from the tuning
     database, the oracle sweeps, the row is measured again, and the tunes' costs are kept."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
+import torch
 from conftest import tiny_inputs, tiny_model
 
 import autocpu
 from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.bench import bench
+from autocpu.canary import check_canary, probe_batch
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
 from autocpu.sharing import export_bundle, import_bundle
@@ -72,6 +75,31 @@ def test_tuning_db_exact_match_is_used_and_family_match_seeds(tmp_path, cache_di
     assert seeded.source == "search"
     first = next(e.record for e in calls if e.started)
     assert (first.backend, first.params) == (shipped.plan.backend, shipped.plan.params)
+
+
+def test_a_shipped_plan_without_its_canary_is_used_and_makes_one(tmp_path, cache_dir, monkeypatch):
+    """GPT-2's plans ship without their canaries (24-49 MiB of logits): the first use makes
+    the canary from the model as given, instead of re-tuning."""
+    model, inputs = tiny_model("gpt2", head="AutoModelForCausalLM"), tiny_inputs("gpt2")
+    shipped = tune_here(model, inputs, n_trials=3, backends=FAST)
+    db = tmp_path / "tuning_db"
+    db.mkdir()
+    export_bundle(PlanCache(), [], db / "tiny-gpt2.json")
+    bundle = json.loads((db / "tiny-gpt2.json").read_text())
+    bundle["plans"][0]["canary"] = None
+    (db / "tiny-gpt2.json").write_text(json.dumps(bundle))
+    monkeypatch.setenv("AUTOCPU_TUNING_DB", str(db))
+    fresh = PlanCache(tmp_path / "fresh-cache")
+    calls = []
+    used = tune_here(
+        model, inputs, n_trials=3, backends=FAST, cache_dir=fresh.root, progress=calls.append
+    )
+    assert used.source == "tuning_db" and calls == []
+    made = fresh.canary_path(shipped.plan.key)
+    assert check_canary(made, used, Tolerance.strict()).passed
+    with torch.inference_mode():
+        reference = model(**probe_batch(inputs)).logits
+    assert torch.equal(torch.load(made)["outputs"]["logits"], reference)
 
 
 def test_bench_measures_the_plan_side_by_side(cache_dir):
