@@ -3,9 +3,10 @@
 
 A bundle is JSON: every plan with its canary (base64), so an imported plan checks itself on
 its first use like a locally tuned one. A canary may be left out (the suite leaves out GPT-2's,
-24-49 MiB of logits); ``tune()`` then makes one from the model it is given. ``tune()`` looks in the tuning database after the user
-cache: a plan with the exact key is used without searching; plans for the same model on the
-same CPU family and ISA only seed the search (their settings are tried first).
+24-49 MiB of logits); ``tune()`` then makes one from the model it is given. ``tune()`` looks in
+the tuning database after the user cache: a plan with the exact key is used without searching;
+plans for the same model on the same CPU family and ISA only seed the search (their settings
+are tried first).
 """
 
 from __future__ import annotations
