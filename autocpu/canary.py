@@ -20,6 +20,8 @@ from autocpu.plans import atomic_write
 
 #: Rows of the first example batch kept as the probe (shapes stay what the plan was tuned on).
 PROBE_ROWS = 2
+#: A shared plan may come without its canary; tune() makes it from the model on first use.
+NO_CANARY = "no canary (a shared plan may come without one): 'autocpu tune' on the model makes it"
 
 
 def probe_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -38,6 +40,8 @@ def save_canary(path: Path, batch: dict[str, Any], model: Callable[..., Any]) ->
 
 def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) -> AccuracyReport:
     """Run the kept probe through ``model``; a missing or unreadable canary fails the check."""
+    if not path.exists():
+        return AccuracyReport(failures=[NO_CANARY])
     try:
         kept = torch.load(path, weights_only=True)
         inputs, reference = kept["inputs"], kept["outputs"]

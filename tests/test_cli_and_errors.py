@@ -78,6 +78,11 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
         "plans", "verify", plan["key"][:6], "--model", str(model_dir), cache=cache_dir
     )
     assert verified.returncode == 0 and "holds" in verified.stdout, verified.stderr
+    (cache_dir / "plans" / f"{plan['key']}.canary.pt").unlink()
+    unverifiable = run_cli(
+        "plans", "verify", plan["key"][:6], "--model", str(model_dir), cache=cache_dir
+    )
+    assert unverifiable.returncode == 1 and "no canary" in unverifiable.stdout
     removed = run_cli("plans", "rm", plan["key"][:6], cache=cache_dir)
     assert removed.returncode == 0 and not (cache_dir / "plans" / f"{plan['key']}.json").exists()
 
