@@ -40,17 +40,20 @@ def test_median_ci_narrows_with_identical_samples():
     assert median_ci_rel([1.0, 2.0]) == float("inf")
 
 
-def test_warm_up_continues_until_calls_settle():
-    from autocpu.measure import warm_up
+def test_warm_up_continues_until_calls_settle(monkeypatch):
+    """On a fake clock: a real sleep(0.004) can last 0.02 s on a busy CI machine."""
+    from autocpu import measure
 
+    now = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
     durations = iter([0.05, 0.03, 0.02, 0.004, 0.002, 0.002, 0.002, 0.002])
     calls = []
 
     def slow_start():
         calls.append(1)
-        time.sleep(next(durations))
+        now[0] += next(durations)
 
-    warm_up(slow_start, 2)
+    measure.warm_up(slow_start, 2)
     assert len(calls) == 6  # stopped at the first pair of calls that agree
 
 
