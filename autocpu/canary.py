@@ -40,11 +40,11 @@ def save_canary(path: Path, batch: dict[str, Any], model: Callable[..., Any]) ->
 
 def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) -> AccuracyReport:
     """Run the kept probe through ``model``; a missing or unreadable canary fails the check."""
-    if not path.exists():
-        return AccuracyReport(failures=[NO_CANARY])
     try:
         kept = torch.load(path, weights_only=True)
         inputs, reference = kept["inputs"], kept["outputs"]
+    except FileNotFoundError:
+        return AccuracyReport(failures=[NO_CANARY])
     except (OSError, RuntimeError, KeyError, EOFError) as error:
         return AccuracyReport(failures=[f"canary unreadable ({type(error).__name__})"])
     with torch.inference_mode():
