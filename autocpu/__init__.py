@@ -17,8 +17,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _EXPORTS = {
     "tune": "autocpu.api",
     "apply_plan": "autocpu.api",
-    "load_plan": "autocpu.api",
-    "AutocpuWarning": "autocpu.api",
+    "load_plan": "autocpu.plans",
+    "AutocpuWarning": "autocpu.errors",
     "Tolerance": "autocpu.accuracy",
     "AutocpuError": "autocpu.errors",
     "Plan": "autocpu.plans",

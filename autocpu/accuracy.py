@@ -9,13 +9,16 @@ argmax agrees. A tolerance bounds the relative difference, cosine and argmax agr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from autocpu.errors import AutocpuError
 from autocpu.outputs import named_tensors
+from autocpu.records import AccuracyReport
+
+__all__ = ["AccuracyReport", "Tolerance", "compare_batches", "compare_outputs"]
 
 
 @dataclass(frozen=True)
@@ -101,34 +104,6 @@ _TOLERANCE_FIX = (
     "use 'strict', 'bf16', 'int8', a relative difference such as 0.01, "
     "or Tolerance(max_rel=..., min_cosine=..., min_argmax=...)"
 )
-
-
-@dataclass
-class AccuracyReport:
-    """Worst-case numbers over every output tensor and batch, and what failed."""
-
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    min_cosine: float = 1.0
-    min_argmax: float | None = None
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-    def merge(self, other: AccuracyReport) -> None:
-        self.max_abs = max(self.max_abs, other.max_abs)
-        self.max_rel = max(self.max_rel, other.max_rel)
-        self.min_cosine = min(self.min_cosine, other.min_cosine)
-        if other.min_argmax is not None:
-            self.min_argmax = min(
-                self.min_argmax if self.min_argmax is not None else 1.0, other.min_argmax
-            )
-        self.failures.extend(other.failures)
 
 
 def _tensor_numbers(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
+from autocpu.accuracy import AccuracyReport, Tolerance
 from autocpu.api import apply_plan
 from autocpu.backends.base import Runner
 from autocpu.errors import AutocpuError
@@ -23,7 +23,7 @@ from autocpu.inputs import normalize_inputs, signature
 from autocpu.measure import Comparison, interleaved
 from autocpu.models import model_fingerprint
 from autocpu.plans import Plan, PlanCache
-from autocpu.search import workload
+from autocpu.workloads import ForwardPass
 
 
 @dataclass
@@ -82,21 +82,20 @@ def bench(
     seconds: float = 20.0,
     cache_dir: str | Path | None = None,
 ) -> BenchResult:
-    batches = normalize_inputs(example_inputs)
+    workload = ForwardPass(normalize_inputs(example_inputs))
     default_threads = torch.get_num_threads()
     started = time.perf_counter()
-    tuned = apply_plan(model, plan, batches, cache_dir=cache_dir)
+    tuned = apply_plan(model, plan, workload.batches, cache_dir=cache_dir)
     build_s = time.perf_counter() - started
     started = time.perf_counter()
-    outputs = [tuned(**batch) for batch in batches]
+    outputs = workload.run(tuned)
     first_call_s = time.perf_counter() - started
-    with torch.inference_mode():
-        references = [model(**batch) for batch in batches]
-    accuracy = compare_batches(references, outputs, Tolerance(**plan.tolerance), batches)
+    references = workload.references(model)
+    accuracy = workload.compare(references, outputs, Tolerance(**plan.tolerance))
     baseline = Runner(model, threads=default_threads)
     try:
         comparison = interleaved(
-            {"baseline": workload(baseline, batches), "tuned": workload(tuned, batches)},
+            {"baseline": workload.timed(baseline), "tuned": workload.timed(tuned)},
             "baseline",
             min_rounds=15,
             max_rounds=400,

@@ -8,33 +8,32 @@ different CPU behind the same fingerprint) is stale: not used, and re-tuned.
 from __future__ import annotations
 
 import io
+import logging
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from autocpu.accuracy import AccuracyReport, Tolerance, compare_outputs
+from autocpu.accuracy import AccuracyReport, Tolerance
 from autocpu.outputs import named_tensors
 from autocpu.plans import atomic_write
+from autocpu.workloads import ForwardPass, Workload
 
-#: Rows of the first example batch kept as the probe (shapes stay what the plan was tuned on).
-PROBE_ROWS = 2
+log = logging.getLogger(__name__)
+
 #: A shared plan may come without its canary; tune() makes it from the model on first use.
 NO_CANARY = "no canary (a shared plan may come without one): 'autocpu tune' on the model makes it"
 
 
-def probe_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v[:PROBE_ROWS].clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def save_canary(path: Path, batch: dict[str, Any], model: Callable[..., Any]) -> None:
-    """Keep a probe input and the fp32 eager outputs for it, written atomically."""
-    inputs = probe_batch(batch)
+def save_canary(path: Path, workload: Workload, model: Callable[..., Any]) -> None:
+    """Keep the workload's probe input and the fp32 eager outputs for it, written atomically."""
+    probe = workload.probe()
     with torch.inference_mode():
-        outputs = named_tensors(model(**inputs))
+        (outputs,) = probe.run(model)
     buffer = io.BytesIO()
-    torch.save({"inputs": inputs, "outputs": outputs}, buffer)
+    torch.save({"inputs": probe.batches[0], "outputs": named_tensors(outputs)}, buffer)
     atomic_write(path, buffer.getvalue())
 
 
@@ -42,11 +41,32 @@ def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) ->
     """Run the kept probe through ``model``; a missing or unreadable canary fails the check."""
     try:
         kept = torch.load(path, weights_only=True)
-        inputs, reference = kept["inputs"], kept["outputs"]
+        probe, reference = ForwardPass([kept["inputs"]]), kept["outputs"]
     except FileNotFoundError:
         return AccuracyReport(failures=[NO_CANARY])
-    except (OSError, RuntimeError, KeyError, EOFError) as error:
+    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as error:
         return AccuracyReport(failures=[f"canary unreadable ({type(error).__name__})"])
     with torch.inference_mode():
-        outputs = model(**inputs)
-    return compare_outputs(reference, outputs, tolerance, inputs.get("attention_mask"))
+        outputs = probe.run(model)
+    return probe.compare([reference], outputs, tolerance)
+
+
+def why_stale(
+    path: Path,
+    tuned: Callable[..., Any],
+    tolerance: Tolerance,
+    workload: Workload,
+    model: Callable[..., Any],
+) -> str | None:
+    """Why a rebuilt plan (``tuned``) must not be used, or None when its canary passes.
+
+    A plan shared without its canary gets one made from ``model`` (the fp32 model the plan
+    key pins, weights included) on ``workload``'s probe first, instead of a re-tune.
+    """
+    if not path.exists():
+        log.info("plan %s has no canary: made one from the model as given", path.stem)
+        save_canary(path, workload, model)
+    report = check_canary(path, tuned, tolerance)
+    if report.passed:
+        return None
+    return f"it is stale: its canary failed ({'; '.join(report.failures[:2])})"

@@ -104,60 +104,6 @@ def _yes(flag: bool) -> str:
 # tune -------------------------------------------------------------------------------------------
 
 
-class TuneProgress:
-    """Live progress for ``autocpu tune``: a bar (trial n of N, current candidate, best speedup,
-    failures) and one line per finished trial above it."""
-
-    def __init__(self, console: Any, quiet: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.quiet = quiet
-        self.console = console
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-            transient=True,
-            disable=quiet,
-        )
-        self.task = self.bar.add_task("baseline", total=None, status="")
-
-    def __enter__(self) -> TuneProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, event: Any) -> None:
-        from autocpu.report import format_params
-
-        record = event.record
-        status = f"best {event.best_speedup:.2f}x, {event.failures} failed"
-        if event.started:
-            what = f"{record.backend} {format_params(record.params)}"
-            self.bar.update(self.task, description=what[:60], total=event.total, status=status)
-            return
-        self.bar.update(self.task, completed=event.finished, status=status)
-        if self.quiet:
-            return
-        latency = f"{record.median_ms:8.2f} ms" if record.latency else "       - ms"
-        note = f"  {record.reason}" if record.reason else ""
-        self.console.print(
-            f"trial {event.finished:>3} {record.backend:<13} {latency}  {record.status:<10} "
-            f"{format_params(record.params)}{note}"
-        )
-
-
 def _verbose_logging() -> None:
     """--verbose: autocpu's own log (trials, decisions, debug tracebacks) on stderr."""
     import logging
@@ -173,36 +119,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from autocpu.api import tune
     from autocpu.inputs import synthesize_inputs
     from autocpu.models import load_model_dir
+    from autocpu.options import from_cli
+    from autocpu.progress_bar import TuneProgress
 
     console = _console(stderr=args.json)  # with --json, stdout holds the JSON alone
     if args.verbose:
         _verbose_logging()
     model = load_model_dir(args.model_dir, args.task)
     inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     if not args.quiet:
         console.print(
             f"tuning {type(model).__name__} from {args.model_dir} on inputs "
             f"{ {k: tuple(v.shape) for k, v in inputs.items()} }"
         )
     with TuneProgress(console, args.quiet) as progress:
-        tuned = tune(
-            model,
-            inputs,
-            tolerance=args.tolerance,
-            n_trials=args.trials,
-            timeout=args.timeout,
-            backends=backends,
-            cache=not args.no_cache,
-            cache_dir=args.cache_dir,
-            task=args.task,
-            progress=progress,
-            isolation=args.isolation,
-            storage=args.storage,
-            trial_timeout=args.trial_timeout,
-            memory_limit_gb=args.memory_limit_gb,
-            search=args.search,
-        )
+        tuned = tune(model, inputs, **from_cli(args, progress=progress))
     plan = tuned.plan
     if args.json:
         print(plan.to_json())
@@ -213,9 +144,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console.print(
         f"plan {plan.key[:12]}: {plan.backend} {plan.params} -> {plan.speedup:.2f}x "
         f"(IQR {plan.speedup_iqr[0]:.2f}-{plan.speedup_iqr[1]:.2f}) vs fp32 eager, "
-        f"{plan.winner.get('median_ms', 0):.2f} ms vs {plan.baseline.get('median_ms', 0):.2f} ms"
+        f"{_ms(plan.winner)} vs {_ms(plan.baseline)}"
     )
     return 0
+
+
+def _ms(stats: Any) -> str:
+    return f"{stats.median_ms:.2f} ms" if stats else "- ms"
 
 
 # plans ------------------------------------------------------------------------------------------
@@ -337,6 +272,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autocpu.options import add_cli_flags
+
     parser = argparse.ArgumentParser(
         prog="autocpu", description="Make transformers models run as fast as they can on this CPU."
     )
@@ -349,49 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="search the fastest backend for a local model directory")
     tune.add_argument("model_dir", help="folder written by save_pretrained()")
-    tune.add_argument(
-        "--task",
-        default=None,
-        help="e.g. feature-extraction, text-classification (default: from config.architectures)",
-    )
     tune.add_argument("--batch-size", type=int, default=1)
     tune.add_argument("--seq-len", type=int, default=128)
-    tune.add_argument(
-        "--tolerance",
-        default="strict",
-        help="strict, bf16, int8, or a max relative difference such as 0.01",
-    )
-    tune.add_argument("--trials", type=int, default=None, help="trial budget (default 20)")
-    tune.add_argument("--timeout", type=float, default=None, help="time budget in seconds")
-    tune.add_argument(
-        "--search",
-        choices=["tpe", "exhaustive"],
-        default="tpe",
-        help="tpe: a budgeted sample (default); exhaustive: every point of the space (slow)",
-    )
-    tune.add_argument(
-        "--backends", default=None, help="comma-separated subset, e.g. eager,torchscript"
-    )
-    tune.add_argument(
-        "--no-cache", action="store_true", help="ignore and do not write cached plans"
-    )
-    tune.add_argument("--cache-dir", default=None, help="default: $AUTOCPU_CACHE_DIR or user cache")
-    tune.add_argument(
-        "--isolation",
-        choices=["process", "none"],
-        default="process",
-        help="run each trial in a worker process (default) or in this one",
-    )
-    tune.add_argument(
-        "--storage",
-        default=None,
-        help="Optuna storage URL for the study, e.g. postgresql://user:pw@host/db "
-        "(default: a journal file in the cache; an interrupted tune resumes)",
-    )
-    tune.add_argument("--trial-timeout", type=float, default=900.0, help="seconds per trial")
-    tune.add_argument(
-        "--memory-limit-gb", type=float, default=None, help="per trial (default: 80%% of RAM)"
-    )
+    add_cli_flags(tune)
     verbosity = tune.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="no progress, only the result")
     verbosity.add_argument("--verbose", action="store_true", help="also autocpu's debug log")

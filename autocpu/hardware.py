@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import json
 import math
 import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from autocpu.hashing import stable_hash
 
 #: ISA features autocpu cares about, in the spelling of Linux's /proc/cpuinfo flags.
 ISA_FLAGS = (
@@ -105,13 +105,12 @@ class CpuInfo:
             "flags": sorted(self.flags),
             "amx_granted": self.amx_granted,
         }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return stable_hash(key)
 
     def family_key(self) -> str:
         """Coarser than the fingerprint (vendor, family, model, ISA set): plans made on another
         machine of this key are good search seeds, not guaranteed winners."""
-        raw = json.dumps([self.vendor, self.family, self.model, sorted(self.flags)])
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        return stable_hash([self.vendor, self.family, self.model, sorted(self.flags)])
 
     def to_dict(self) -> dict:
         data = asdict(self)

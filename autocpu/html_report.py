@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from autocpu import report_figures as figures
 from autocpu.errors import AutocpuError
 from autocpu.plans import Plan, atomic_write
-from autocpu.report import format_params
+from autocpu.report import format_params, speedup_cell
+from autocpu.report_figures import REL_FLOOR, Row, pareto_front
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-
-#: Where a max relative difference of 0 is drawn on the log axis (log scales cannot show 0).
-REL_FLOOR = 1e-9
+__all__ = ["pareto_front", "write_report"]
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -42,50 +36,10 @@ figcaption { font-size: 0.85em; color: #555; max-width: 60em; }
 """
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One trial with its number in the table, so figures can refer to it as ``#n``."""
-
-    number: int
-    trial: dict[str, Any]
-    is_winner: bool
-
-    @property
-    def backend(self) -> str:
-        return str(self.trial["backend"])
-
-    @property
-    def latency(self) -> dict[str, Any]:
-        return self.trial.get("latency") or {}
-
-    @property
-    def median(self) -> float | None:
-        return self.latency.get("median_ms")
-
-    @property
-    def max_rel(self) -> float | None:
-        return (self.trial.get("accuracy") or {}).get("max_rel")
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (lower is better), by x.
-
-    Equal points do not dominate each other, so duplicates on the front are all kept.
-    """
-    order = sorted(range(len(points)), key=lambda i: points[i])
-    front: list[int] = []
-    best_y = math.inf
-    for i in order:
-        if points[i][1] < best_y or (front and points[i] == points[front[-1]]):
-            front.append(i)
-            best_y = points[i][1]
-    return front
-
-
 def write_report(plan: Plan, out_dir: Path) -> Path:
     """Write ``out_dir/report-<key12>.html`` and its three PNG figures; return the HTML path."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise AutocpuError(
             "matplotlib is not installed, so no figures can be drawn",
@@ -94,196 +48,14 @@ def write_report(plan: Plan, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"report-{plan.key[:12]}"
-    rows = _rows(plan)
-    with matplotlib.rc_context({"font.size": 9}):
-        figures = {
-            "latency": _latency_figure(plan, rows),
-            "accuracy": _accuracy_figure(plan, rows),
-            "one-time": _cost_figure(rows),
-        }
+    rows = figures.rows(plan)
     images = {}
-    for name, png in figures.items():
+    for name, png in figures.draw(plan, rows).items():
         (out_dir / f"{stem}-{name}.png").write_bytes(png)
         images[name] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     path = out_dir / f"{stem}.html"
     atomic_write(path, _page(plan, rows, images))
     return path
-
-
-def _rows(plan: Plan) -> list[_Row]:
-    """Trials as ``explain()`` orders them: the winner first, then the fastest."""
-
-    def is_winner(trial: dict[str, Any]) -> bool:
-        return trial["backend"] == plan.backend and trial["params"] == plan.params
-
-    def order(trial: dict[str, Any]) -> tuple[bool, float]:
-        return (not is_winner(trial), (trial.get("latency") or {}).get("median_ms", math.inf))
-
-    ordered = sorted(plan.trials, key=order)
-    return [_Row(n, trial, is_winner(trial)) for n, trial in enumerate(ordered, start=1)]
-
-
-# --- figures -------------------------------------------------------------------------------
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas, outside pyplot: no global state, no GUI backend touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _colors(rows: list[_Row]) -> dict[str, str]:
-    """One colour per backend, the same in every figure."""
-    names = sorted({row.backend for row in rows})
-    return {name: f"C{i % 10}" for i, name in enumerate(names)}
-
-
-def _literal(text: str) -> str:
-    """Backend names from the plan drawn as typed: a ``$`` would otherwise start mathtext."""
-    return text.replace("$", r"\$")
-
-
-def _mark_winner(ax: Axes, x: float, y: float) -> None:
-    ax.scatter([x], [y], marker="*", s=260, color="gold", edgecolors="black", zorder=5)
-
-
-def _latency_figure(plan: Plan, rows: list[_Row]) -> bytes:
-    """Median per measured candidate, one band per backend, fastest backend on top."""
-    from matplotlib.lines import Line2D
-
-    measured = [row for row in rows if row.median is not None]
-    groups: dict[str, list[_Row]] = {}
-    for row in sorted(measured, key=lambda r: r.median or 0.0):
-        groups.setdefault(row.backend, []).append(row)
-    colors = _colors(rows)
-    figure = _new_figure(10, 1.6 + 0.7 * max(len(groups), 1))
-    ax = figure.add_subplot()
-    for y, (backend, members) in enumerate(groups.items()):
-        for k, row in enumerate(members):
-            dy = (k / (len(members) - 1) - 0.5) * 0.6 if len(members) > 1 else 0.0
-            median = row.median or 0.0
-            low = median - row.latency.get("min_ms", median)
-            high = row.latency.get("p90_ms", median) - median
-            hollow = bool(row.latency.get("stopped_early"))
-            ax.errorbar(
-                [median],
-                [y + dy],
-                xerr=[[max(low, 0.0)], [max(high, 0.0)]],
-                fmt="o",
-                color=colors[backend],
-                markerfacecolor="white" if hollow else colors[backend],
-                capsize=2,
-            )
-            ax.annotate(f"#{row.number}", (median, y + dy), (5, 3), textcoords="offset points")
-            if row.is_winner:
-                _mark_winner(ax, median, y + dy)
-    handles = [
-        Line2D([], [], marker="o", color="grey", label="median (whiskers: min to p90)"),
-        Line2D([], [], marker="o", color="grey", markerfacecolor="white", label="stopped early"),
-        Line2D([], [], marker="*", ls="", color="gold", mec="black", ms=14, label="winner"),
-    ]
-    baseline = plan.baseline.get("median_ms")
-    if baseline:
-        ax.axvline(baseline, color="black", ls="--", lw=1)
-        handles.append(
-            Line2D([], [], color="black", ls="--", label=f"baseline {baseline:.3g} ms (final)")
-        )
-    ax.set_yticks(range(len(groups)), [_literal(name) for name in groups])
-    ax.set_ylim(len(groups) - 0.5, -0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("median ms per pass over the example batches (log scale)")
-    ax.set_title("Latency of every measured candidate")
-    ax.grid(axis="x", which="both", alpha=0.3)
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    return _png(figure)
-
-
-def _accuracy_figure(plan: Plan, rows: list[_Row]) -> bytes:
-    """Max relative difference against latency, with the tolerance and the Pareto front."""
-    timed = [row for row in rows if row.median is not None and row.max_rel is not None]
-    untimed = [row for row in rows if row.median is None and row.max_rel is not None]
-    colors = _colors(rows)
-    figure = _new_figure(10, 4.8)
-    ax, side = figure.subplots(1, 2, sharey=True, width_ratios=[5, 1])
-    for row in timed:
-        x, y = row.median or 0.0, max(row.max_rel or 0.0, REL_FLOOR)
-        ax.scatter([x], [y], color=colors[row.backend], label=_literal(row.backend), zorder=3)
-        ax.annotate(f"#{row.number}", (x, y), (5, 3), textcoords="offset points")
-        if row.is_winner:
-            _mark_winner(ax, x, y)
-    points = [(row.median or 0.0, max(row.max_rel or 0.0, REL_FLOOR)) for row in timed]
-    front = [points[i] for i in pareto_front(points)]
-    if front:
-        xs, ys = zip(*front, strict=True)
-        ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.6, zorder=2)
-        ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="black", label="Pareto front")
-    for i, row in enumerate(untimed):
-        y = max(row.max_rel or 0.0, REL_FLOOR)
-        side.scatter([i], [y], marker="x", s=60, color="crimson", zorder=3)
-        side.annotate(f"#{row.number}", (i, y), (5, 3), textcoords="offset points")
-    side.set_xlim(-0.7, max(len(untimed), 1) - 0.3)
-    side.set_xticks([])
-    side.set_xlabel("not timed")
-    side.set_title("inaccurate" if untimed else "none inaccurate", fontsize=9)
-    limit = plan.tolerance.get("max_rel")
-    for axis in (ax, side):
-        if limit:
-            axis.axhline(limit, color="crimson", ls=":", lw=1.5, label="tolerance max_rel")
-        axis.grid(alpha=0.3, which="major")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=REL_FLOOR / 3)
-    ax.set_xscale("log")
-    ax.set_xlabel("median ms (log scale)")
-    ax.set_ylabel(f"max relative difference vs fp32 (0 drawn at {REL_FLOOR:g})")
-    ax.set_title("Accuracy against latency")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))  # one entry per backend, not per dot
-    ax.legend(unique.values(), unique.keys(), loc="best", fontsize=8)
-    return _png(figure)
-
-
-def _cost_figure(rows: list[_Row]) -> bytes:
-    """Build and first-call seconds: what choosing a candidate costs once per process start."""
-    from matplotlib.patches import Patch
-
-    built = [row for row in rows if row.trial.get("build_s") is not None]
-    colors = _colors(rows)
-    figure = _new_figure(10, 1.4 + 0.32 * max(len(built), 1))
-    ax = figure.add_subplot()
-    for y, row in enumerate(built):
-        build = row.trial.get("build_s") or 0.0
-        first = row.trial.get("first_call_s") or 0.0
-        color = colors[row.backend]
-        ax.barh(y, build, color=color)
-        ax.barh(y, first, left=build, color=color, alpha=0.4, hatch="//", edgecolor="black")
-        ax.annotate(
-            f"{build + first:.2f} s", (build + first, y), (4, -3), textcoords="offset points"
-        )
-    ax.set_yticks(range(len(built)), [_literal(f"#{row.number} {row.backend}") for row in built])
-    ax.set_ylim(len(built) - 0.5, -0.5)
-    ax.set_xlabel("seconds (build + first call)")
-    ax.set_title("One-time cost of each candidate")
-    ax.margins(x=0.12)
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(
-        handles=[
-            Patch(color="grey", label="build"),
-            Patch(facecolor="grey", alpha=0.4, hatch="//", edgecolor="black", label="first call"),
-        ],
-        loc="lower right",
-        fontsize=8,
-    )
-    return _png(figure)
 
 
 # --- HTML ----------------------------------------------------------------------------------
@@ -333,8 +105,8 @@ def _header(plan: Plan) -> str:
         ("inputs", _shapes(plan)),
         ("winner", f"{plan.backend} {format_params(plan.params)}"),
         ("speedup", f"{plan.speedup:.2f}x (IQR {low:.2f}-{high:.2f}) over the baseline"),
-        ("winner median", f"{_num(plan.winner.get('median_ms'))} ms"),
-        ("baseline median", f"{_num(plan.baseline.get('median_ms'))} ms"),
+        ("winner median", f"{_num(plan.winner.median_ms if plan.winner else None)} ms"),
+        ("baseline median", f"{_num(plan.baseline.median_ms if plan.baseline else None)} ms"),
         ("tolerance", _tolerance(plan.tolerance)),
         ("tune time", f"{plan.tune_seconds:.1f} s, {plan.study_trials} study trials"),
         ("measured in", plan.measured_in),
@@ -346,43 +118,31 @@ def _header(plan: Plan) -> str:
     )
 
 
-def _speedup(row: _Row, baseline_ms: float | None) -> str:
-    if row.trial.get("speedup") is not None:
-        return f"{row.trial['speedup']:.2f}x"
-    if row.median and baseline_ms:
-        return f"~{baseline_ms / row.median:.2f}x"
-    return "-"
-
-
-def _trial_row(row: _Row, baseline_ms: float | None) -> str:
-    trial, latency, accuracy = row.trial, row.latency, row.trial.get("accuracy") or {}
-    one_time = None
-    if trial.get("build_s") is not None:
-        one_time = trial["build_s"] + (trial.get("first_call_s") or 0.0)
-    status = str(trial.get("status", "?"))
+def _trial_row(row: Row, plan: Plan) -> str:
+    trial, latency, accuracy = row.trial, row.latency, row.trial.accuracy
     cells = [
         (f"#{row.number}", True),
-        (trial["backend"], False),
-        (format_params(trial.get("params") or {}), False),
+        (trial.backend, False),
+        (format_params(trial.params), False),
         (_num(row.median), True),
-        (_num(latency.get("p90_ms")), True),
-        (_speedup(row, baseline_ms), True),
-        (_num(accuracy.get("max_rel"), ".2e"), True),
-        (_num(accuracy.get("min_cosine"), ".6f"), True),
-        (_num(accuracy.get("min_argmax"), ".3f"), True),
-        (_num(accuracy.get("max_abs"), ".2e"), True),
-        (_num(one_time, ".2f"), True),
-        ("winner" if row.is_winner else status, False),
-        (trial.get("reason") or "", False),
+        (_num(latency.p90_ms if latency else None), True),
+        (speedup_cell(trial, plan.baseline), True),
+        (_num(accuracy.max_rel if accuracy else None, ".2e"), True),
+        (_num(accuracy.min_cosine if accuracy else None, ".6f"), True),
+        (_num(accuracy.min_argmax if accuracy else None, ".3f"), True),
+        (_num(accuracy.max_abs if accuracy else None, ".2e"), True),
+        (_num(trial.one_time_s, ".2f"), True),
+        ("winner" if row.is_winner else trial.status, False),
+        (trial.reason, False),
     ]
     body = "".join(
         f"<td class='num'>{_e(text)}</td>" if num else f"<td>{_e(text)}</td>" for text, num in cells
     )
-    classes = f"{status} winner" if row.is_winner else status
+    classes = f"{trial.status} winner" if row.is_winner else trial.status
     return f'<tr class="{_e(classes)}">{body}</tr>'
 
 
-def _trials_table(plan: Plan, rows: list[_Row]) -> str:
+def _trials_table(plan: Plan, rows: list[Row]) -> str:
     head = (
         "#",
         "backend",
@@ -398,9 +158,8 @@ def _trials_table(plan: Plan, rows: list[_Row]) -> str:
         "outcome",
         "reason",
     )
-    baseline_ms = plan.baseline.get("median_ms")
     header = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join(_trial_row(row, baseline_ms) for row in rows)
+    body = "".join(_trial_row(row, plan) for row in rows)
     return f'<table id="trials"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -434,7 +193,7 @@ def _figure(image: str, name: str, alt: str, caption: str) -> str:
     )
 
 
-def _page(plan: Plan, rows: list[_Row], images: dict[str, str]) -> str:
+def _page(plan: Plan, rows: list[Row], images: dict[str, str]) -> str:
     limit = plan.tolerance.get("max_rel")
     figures = [
         _figure(

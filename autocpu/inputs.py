@@ -93,6 +93,20 @@ def second_length(batch: Batch) -> int | None:
     return current // 2 if current >= 4 else current * 2
 
 
+def synthesize_from_signature(inputs: list[dict[str, Any]]) -> list[Batch]:
+    """Batches with a plan's input names, shapes and dtypes (ones for masks, zeros elsewhere)."""
+    batches = []
+    for batch in inputs:
+        made: Batch = {}
+        for name, spec in batch.items():
+            if "shape" not in spec:
+                continue
+            fill = torch.ones if "mask" in name else torch.zeros
+            made[name] = fill(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        batches.append(made)
+    return batches
+
+
 def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_len: int) -> Batch:
     """Inputs for a model directory: from its tokenizer when it has one, else from the config."""
     if batch_size < 1 or seq_len < 1:

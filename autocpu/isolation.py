@@ -17,14 +17,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from autocpu.measure import Comparison
-from autocpu.search import TrialRecord
+from autocpu.errors import AutocpuWarning
+from autocpu.finals import Finals
+from autocpu.records import FAILED, TrialRecord
+from autocpu.workloads import Workload
+
+if TYPE_CHECKING:
+    from autocpu.options import TuneOptions
+    from autocpu.trials import Executor, TrialRunner
 
 #: Seconds between checks of a worker's memory and clock.
 POLL_S = 0.1
@@ -39,7 +46,7 @@ class WorkerJob:
     attention: str
     task: str
     fingerprint: dict[str, str]
-    batches: list[dict[str, Any]]
+    workload: Workload
     references: list[Any]
     tolerance: Any
     artifact_dir: str
@@ -59,20 +66,14 @@ class IsolatedExecutor:
     def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord:
         threads = record.params.get("threads") or self.job.default_threads
         outcome = self._spawn(("trial", record, give_up_above_ms), threads, self.trial_timeout)
-        if isinstance(outcome, str):
-            record.status, record.reason = "failed", outcome
-            return record
-        return outcome
+        return record.fail(FAILED, outcome) if isinstance(outcome, str) else outcome
 
-    def finals(
-        self, baseline: TrialRecord, candidates: list[TrialRecord]
-    ) -> tuple[list[TrialRecord], Comparison]:
+    def finals(self, candidates: list[TrialRecord]) -> Finals:
         timeout = self.trial_timeout * 4
-        outcome = self._spawn(("finals", baseline, candidates), self.job.default_threads, timeout)
+        outcome = self._spawn(("finals", candidates), self.job.default_threads, timeout)
         if isinstance(outcome, str):
             raise RuntimeError(f"the final comparison failed: {outcome}")
-        checked, comparison = outcome
-        return checked, Comparison.from_dict(comparison)
+        return outcome
 
     def _spawn(self, task: tuple, threads: int, timeout: float) -> Any:
         """Run ``task`` in a worker; its result, or a one-line reason why there is none."""
@@ -111,6 +112,41 @@ class IsolatedExecutor:
                 )
             time.sleep(POLL_S)
         return None
+
+
+def choose_executor(trial_runner: TrialRunner, options: TuneOptions) -> Executor:
+    """Worker processes unless asked otherwise or the model cannot be saved for them."""
+    if options.isolation == "none":
+        return trial_runner
+    import transformers
+
+    from autocpu.backends.eager import current_attention
+    from autocpu.outputs import named_tensors
+
+    spec = trial_runner.spec
+    model_class = type(spec.model).__name__
+    if not hasattr(spec.model, "save_pretrained") or not hasattr(transformers, model_class):
+        warnings.warn(
+            f"{model_class} cannot be saved for worker processes: trials run in this process",
+            AutocpuWarning,
+            stacklevel=5,
+        )
+        return trial_runner
+    job = WorkerJob(
+        model_dir=str(spec.saved_copy(trial_runner.ctx.artifact_dir)),
+        model_class=model_class,
+        attention=current_attention(spec.model),
+        task=spec.task,
+        fingerprint=spec.fingerprint,
+        workload=trial_runner.workload,
+        references=[named_tensors(r) for r in trial_runner.references],
+        tolerance=trial_runner.tolerance,
+        artifact_dir=str(trial_runner.ctx.artifact_dir),
+        default_threads=trial_runner.default_threads,
+    )
+    memory = options.memory_limit_gb
+    limit = int(memory * 2**30) if memory else int(psutil.virtual_memory().total * 0.8)
+    return IsolatedExecutor(job, options.trial_timeout, limit)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -156,22 +192,22 @@ def _trial_runner(job: WorkerJob) -> Any:
     from autocpu.backends import BuildContext
     from autocpu.hardware import probe
     from autocpu.models import ModelSpec
-    from autocpu.search import TrialRunner
+    from autocpu.trials import TrialRunner
 
     torch.set_num_threads(job.default_threads)
     model_class = getattr(transformers, job.model_class)
     model = model_class.from_pretrained(job.model_dir, attn_implementation=job.attention).eval()
     resident(model)
     spec = ModelSpec(model=model, task=job.task, fingerprint=job.fingerprint)
-    ctx = BuildContext(probe(), job.batches, Path(job.artifact_dir))
-    return TrialRunner(spec, job.batches, job.references, job.tolerance, ctx)
+    ctx = BuildContext(probe(), job.workload.batches, Path(job.artifact_dir))
+    return TrialRunner(spec, job.workload, job.references, job.tolerance, ctx)
 
 
 def resident(model: Any) -> None:
     """Copy memory-mapped weights into process memory before anything is timed.
 
     from_pretrained maps safetensors files lazily; with a cold page cache the first forward
-    passes read the file from disk (measured here: bert-base took ~1 s per call for the first
+    passes read the file from disk (on a 2-vCPU VM bert-base took ~1 s per call for the first
     few seconds, then 70 ms), which would be booked as the candidate's latency.
     """
     import torch
@@ -188,9 +224,8 @@ def worker_main(job_path: str, result_path: str) -> None:
         _, record, give_up = task
         result: Any = runner.run(record, give_up_above_ms=give_up)
     else:
-        _, baseline, candidates = task
-        checked, comparison = runner.finals(baseline, candidates)
-        result = (checked, comparison.to_dict())
+        _, candidates = task
+        result = runner.finals(candidates)
     partial = Path(result_path + ".partial")
     partial.write_bytes(pickle.dumps(result))
     partial.rename(result_path)

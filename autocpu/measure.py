@@ -2,7 +2,7 @@
 
 Warm up, then repeat until the median's confidence interval is tight or a time cap is hit.
 Candidates are compared interleaved (A B A B ...) and decided on per-round ratios, because
-absolute numbers taken minutes apart differ by up to 2x here (GUIDE section 3).
+on a shared 2-vCPU machine absolute numbers taken minutes apart differ by up to 2x.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+
+from autocpu.errors import AutocpuWarning
 
 Workload = Callable[[], object]
 #: Above this many rounds the signed-rank p-value uses the normal approximation (exact counting
@@ -126,25 +129,6 @@ class Comparison:
     p_not_faster: dict[str, float]
     rounds: int
 
-    @classmethod
-    def from_dict(cls, data: dict) -> Comparison:
-        return cls(
-            stats={k: LatencyStats(**v) for k, v in data["stats"].items()},
-            speedup=dict(data["speedup"]),
-            speedup_iqr={k: (v[0], v[1]) for k, v in data["speedup_iqr"].items()},
-            p_not_faster=dict(data["p_not_faster"]),
-            rounds=data["rounds"],
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "stats": {k: v.to_dict() for k, v in self.stats.items()},
-            "speedup": self.speedup,
-            "speedup_iqr": {k: list(v) for k, v in self.speedup_iqr.items()},
-            "p_not_faster": self.p_not_faster,
-            "rounds": self.rounds,
-        }
-
 
 def signed_rank_p(ratios: Sequence[float]) -> float:
     """One-sided exact Wilcoxon signed-rank p-value for "these speedups are no better than 1".
@@ -203,11 +187,11 @@ def interleaved(
 
     After ``max_time_s``, rounds go on while ``settled`` (given the comparison so far) says more
     rounds could still change the caller's decision, up to ``max_time_unsettled_s`` and
-    ``max_rounds``: a batch-8 round takes seconds here, so the time cap alone stops at the
+    ``max_rounds``: a batch-8 round of bert-base takes seconds on 2 vCPUs, so the time cap alone stops at the
     minimum of rounds, too few to tell a 15% win from noise.
 
     Each turn first makes ``settle_calls`` untimed calls: switching runtimes costs time (the
-    previous runtime's threads still spin-wait; measured here: ONNX Runtime and PyTorch called
+    previous runtime's threads still spin-wait: on a 2-vCPU VM ONNX Runtime and PyTorch called
     alternately took 71-85 ms per pair against 33 ms for the two run apart), and a deployment
     runs one runtime, not two taking turns.
     """
@@ -237,3 +221,24 @@ def interleaved(
         ):
             break
     return compare(samples, baseline)
+
+
+#: Other work above this share of the CPUs makes latencies noisy: 2-thread PyTorch calls of
+#: 0.6 ms stalled at 170-280 ms while another test run shared the two cores.
+BUSY_WARNING_PERCENT = 25.0
+
+
+def busy_percent() -> float:
+    """How busy the CPUs are with other work just before the search starts (this process
+    idle); above BUSY_WARNING_PERCENT the user is warned that the plan may not hold."""
+    import psutil
+
+    busy = psutil.cpu_percent(interval=0.3)
+    if busy > BUSY_WARNING_PERCENT:
+        warnings.warn(
+            f"the CPUs were {busy:.0f}% busy with other work when the tune started: latencies "
+            "will be noisy and the plan may not hold; tune on an otherwise idle machine",
+            AutocpuWarning,
+            stacklevel=5,
+        )
+    return busy

@@ -11,19 +11,10 @@ from typing import Any
 
 import torch
 
+from autocpu import tasks
 from autocpu.errors import AutocpuError
-
-#: Class-name suffix -> task name (the names optimum's exporters and pipelines use).
-_TASK_BY_SUFFIX = (
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForMultipleChoice", "multiple-choice"),
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("Model", "feature-extraction"),
-)
+from autocpu.hashing import stable_hash
+from autocpu.tasks import task_for_class_name
 
 #: Config keys that do not change what the model computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -36,21 +27,16 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-def task_for_class_name(class_name: str) -> str | None:
-    """Infer the task from an architecture name such as ``BertForSequenceClassification``."""
-    for suffix, task in _TASK_BY_SUFFIX:
-        if class_name.endswith(suffix):
-            return task
-    return None
+def _first_task(class_names: list[str]) -> str:
+    """The task of the first name that implies one, else feature extraction."""
+    found = (task for name in class_names if (task := task_for_class_name(name)))
+    return next(found, tasks.DEFAULT_TASK)
 
 
 def infer_task(model: torch.nn.Module) -> str:
+    """The task of the model's class, else of its config's ``architectures``."""
     architectures = getattr(getattr(model, "config", None), "architectures", None) or []
-    for name in [type(model).__name__, *architectures]:
-        task = task_for_class_name(name)
-        if task:
-            return task
-    return "feature-extraction"
+    return _first_task([type(model).__name__, *architectures])
 
 
 def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
@@ -73,10 +59,9 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
     """Architecture, config hash and weights hash: a plan is only valid for the same triple."""
-    config = json.dumps(_config_dict(model), sort_keys=True, default=str)
     return {
         "architecture": type(model).__name__,
-        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "config": stable_hash(_config_dict(model)),
         "weights": weights_hash(model),
     }
 
@@ -95,8 +80,8 @@ class ModelSpec:
 
     @property
     def fingerprint_id(self) -> str:
-        raw = json.dumps(self.fingerprint, sort_keys=True)
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        """Short name of the fingerprint (folder names, plan files)."""
+        return stable_hash(self.fingerprint)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -141,17 +126,6 @@ def make_spec(model: Any, task: str | None = None) -> ModelSpec:
     )
 
 
-_AUTO_CLASS_BY_TASK = {
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "fill-mask": "AutoModelForMaskedLM",
-    "multiple-choice": "AutoModelForMultipleChoice",
-    "text-generation": "AutoModelForCausalLM",
-}
-
-
 def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module:
     """Load a local model directory with the Auto class of its task (CLI entry point)."""
     import transformers
@@ -164,13 +138,6 @@ def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module
         )
     if task is None:
         config = json.loads((directory / "config.json").read_text())
-        task = next(
-            (t for a in config.get("architectures") or [] if (t := task_for_class_name(a))),
-            "feature-extraction",
-        )
-    if task not in _AUTO_CLASS_BY_TASK:
-        raise AutocpuError(
-            f"unknown task {task!r}", f"use one of: {', '.join(sorted(_AUTO_CLASS_BY_TASK))}"
-        )
-    auto_class = getattr(transformers, _AUTO_CLASS_BY_TASK[task])
+        task = _first_task(config.get("architectures") or [])
+    auto_class = getattr(transformers, tasks.auto_class_name(task))
     return auto_class.from_pretrained(directory).eval()

@@ -8,7 +8,6 @@ file is moved aside (never deleted) and reported in one line.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -24,7 +23,10 @@ from typing import Any
 import platformdirs
 from filelock import FileLock
 
-from autocpu.errors import AutocpuError
+from autocpu.errors import AutocpuError, one_line
+from autocpu.hashing import stable_hash
+from autocpu.measure import LatencyStats
+from autocpu.records import AccuracyReport, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ def plan_key(
 ) -> str:
     """What a plan is valid for. Versions are checked on load instead, to say what changed.
 
-    An exhaustive search gets keys of its own (TPE keys stay as they were), so asking for the
-    sweep never returns a sampled plan."""
+    An exhaustive search gets keys of its own, so asking for the sweep never returns a
+    sampled plan; a TPE search adds nothing to the identity."""
     identity = {
         "model": model,
         "inputs": inputs,
@@ -71,8 +73,7 @@ def plan_key(
     }
     if search != "tpe":
         identity["search"] = search
-    raw = json.dumps(identity, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+    return stable_hash(identity, 20)
 
 
 @dataclass
@@ -89,14 +90,16 @@ class Plan:
     tolerance: dict[str, Any]
     versions: dict[str, str]
     backends: list[str] | None = None
-    baseline: dict[str, Any] = field(default_factory=dict)
-    winner: dict[str, Any] = field(default_factory=dict)
+    #: What was measured (see autocpu.workloads).
+    workload: str = "forward"
+    baseline: LatencyStats | None = None
+    winner: LatencyStats | None = None
     speedup: float = 1.0
     speedup_iqr: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    accuracy: dict[str, Any] = field(default_factory=dict)
+    accuracy: AccuracyReport | None = None
     one_time_costs: dict[str, float] = field(default_factory=dict)
     decision: str = ""
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)
     tune_seconds: float = 0.0
     study_trials: int = 0
     search: str = "tpe"
@@ -105,8 +108,16 @@ class Plan:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: int = PLAN_FORMAT
 
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["accuracy"] = self.accuracy.to_dict() if self.accuracy else {}
+        data["trials"] = [trial.to_dict() for trial in self.trials]
+        for name in ("baseline", "winner"):
+            data[name] = data[name] or {}
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -120,7 +131,38 @@ class Plan:
         }
         if missing:
             raise ValueError(f"plan lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("baseline", "winner"):
+            if values.get(name):
+                values[name] = LatencyStats(**values[name])
+            else:
+                values[name] = None
+        values["accuracy"] = (
+            AccuracyReport.from_dict(data["accuracy"]) if data.get("accuracy") else None
+        )
+        values["trials"] = [TrialRecord.from_dict(t) for t in values.get("trials", [])]
+        return cls(**values)
+
+    @property
+    def winning_trial(self) -> TrialRecord | None:
+        """The trial the plan's backend and settings came from (the baseline's if none won)."""
+        return next(
+            (t for t in self.trials if (t.backend, t.params) == (self.backend, self.params)), None
+        )
+
+    def ranked_trials(self) -> list[TrialRecord]:
+        """Every trial as the reports show them: the winner first, then the fastest."""
+        winner = self.winning_trial
+        return sorted(self.trials, key=lambda t: (t is not winner, t.median_ms))
+
+    def why_unusable(self, machine_fingerprint: str) -> str | None:
+        """Why this plan cannot be used on this machine with the running versions, if not."""
+        if self.machine.get("fingerprint") != machine_fingerprint:
+            return "it was measured on another machine (fingerprint differs)"
+        changed = self.version_mismatches()
+        if changed:
+            return f"versions changed since it was measured ({', '.join(changed)})"
+        return None
 
     def version_mismatches(self) -> list[str]:
         """What differs between the versions that measured this plan and the running ones."""
@@ -148,8 +190,7 @@ def current_versions(extra_packages: list[str] | tuple[str, ...] = ()) -> dict[s
 
 def versions_id(versions: dict[str, str]) -> str:
     """Short hash of package versions: a study resumes only under the same versions."""
-    raw = json.dumps(versions, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return stable_hash(versions, 8)
 
 
 class PlanCache:
@@ -194,21 +235,8 @@ class PlanCache:
             try:
                 return Plan.from_dict(json.loads(path.read_text()))
             except (ValueError, TypeError, UnicodeDecodeError) as error:
-                moved = self._move_aside(path)
-                log.warning(
-                    "corrupt plan %s (%s): moved to %s; it will be re-tuned",
-                    path.name,
-                    str(error).splitlines()[0][:120],
-                    moved,
-                )
+                move_aside(path, self.root, "plan", error)
                 return None
-
-    def _move_aside(self, path: Path) -> Path:
-        target_dir = self.root / "corrupt"
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target = target_dir / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
-        os.replace(path, target)
-        return target
 
     def all(self) -> list[Plan]:
         if not self.plans_dir.exists():
@@ -263,3 +291,30 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def move_aside(path: Path, cache_root: Path, what: str, error: BaseException) -> Path:
+    """Move a corrupt cache file to ``<cache>/corrupt/`` (never delete it) and log one line."""
+    target = cache_root / "corrupt" / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    log.warning("corrupt %s %s (%s): moved to %s", what, path.name, one_line(error, 120), target)
+    return target
+
+
+def load_plan(source: Plan | str | Path, cache_dir: str | Path | None = None) -> Plan:
+    """A Plan object, a path to a plan JSON file, or a cached plan's key (prefix)."""
+    if isinstance(source, Plan):
+        return source
+    path = Path(source)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise AutocpuError(f"no plan file at {path}", "pass a path written by autocpu")
+        try:
+            return Plan.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise AutocpuError(
+                f"{path} is not a valid plan ({error})",
+                "re-export it with 'autocpu plans show KEY --json'",
+            ) from None
+    return PlanCache(Path(cache_dir) if cache_dir else None).find(str(source))

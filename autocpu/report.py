@@ -8,7 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from autocpu.measure import LatencyStats
 from autocpu.plans import Plan
+from autocpu.records import BASELINE, OK, AccuracyReport, TrialRecord
 
 
 def render(table: Table, width: int = 160) -> str:
@@ -21,36 +23,39 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
 
 
-def _accuracy_cell(accuracy: dict[str, Any] | None) -> str:
-    if not accuracy:
+def accuracy_cell(accuracy: AccuracyReport | None) -> str:
+    if accuracy is None:
         return "-"
-    cell = f"rel {accuracy['max_rel']:.1e} cos {accuracy['min_cosine']:.5f}"
-    if accuracy.get("min_argmax") is not None:
-        cell += f" argmax {accuracy['min_argmax']:.3f}"
+    cell = f"rel {accuracy.max_rel:.1e} cos {accuracy.min_cosine:.5f}"
+    if accuracy.min_argmax is not None:
+        cell += f" argmax {accuracy.min_argmax:.3f}"
     return cell
 
 
-def _outcome(trial: dict[str, Any], is_winner: bool, baseline_ms: float, decision: str) -> str:
-    if is_winner:
-        return f"WINNER: {decision}"
-    status = trial["status"]
-    if status == "ok":
-        if trial.get("reason") == "baseline":
-            return "baseline"
-        median = (trial.get("latency") or {}).get("median_ms", float("inf"))
-        note = f" ({trial['reason']})" if trial.get("reason") else ""
-        verdict = "slower than winner" if median < baseline_ms else "slower than baseline"
-        return verdict + note
-    return f"{status}: {trial.get('reason', '')}"
+def speedup_cell(trial: TrialRecord, baseline: LatencyStats | None) -> str:
+    """The finals' interleaved speedup, else ``~`` and the ratio of two separate medians."""
+    if trial.speedup is not None:
+        return f"{trial.speedup:.2f}x"
+    if trial.latency and baseline:
+        return f"~{baseline.median_ms / trial.median_ms:.2f}x"
+    return "-"
 
 
-def _is_winner(plan: Plan, trial: dict[str, Any]) -> bool:
-    return trial["backend"] == plan.backend and trial["params"] == plan.params
+def outcome(plan: Plan, trial: TrialRecord, winner: TrialRecord | None) -> str:
+    if trial is winner:
+        return f"WINNER: {plan.decision}"
+    if trial.status != OK:
+        return f"{trial.status}: {trial.reason}"
+    if trial.is_baseline:
+        return BASELINE
+    baseline_ms = plan.baseline.median_ms if plan.baseline else float("nan")
+    note = f" ({trial.reason})" if trial.reason else ""
+    verdict = "slower than winner" if trial.median_ms < baseline_ms else "slower than baseline"
+    return verdict + note
 
 
 def explain_table(plan: Plan) -> str:
     """Every candidate tried, the winner first, with the decision as a caption."""
-    baseline_ms = plan.baseline.get("median_ms", float("nan"))
     tol = plan.tolerance
     caption = (
         f"tolerance {tol.get('name', 'custom')}: relative diff <= {tol.get('max_rel')}, cosine >= "
@@ -70,33 +75,22 @@ def explain_table(plan: Plan) -> str:
         "outcome",
     ):
         table.add_column(column, overflow="fold")
-    trials = sorted(plan.trials, key=lambda t: (not _is_winner(plan, t), _median(t)))
-    for trial in trials:
-        latency = trial.get("latency") or {}
-        median = latency.get("median_ms")
-        if trial.get("speedup") is not None:
-            speedup = f"{trial['speedup']:.2f}x"
-        elif median:
-            speedup = f"~{baseline_ms / median:.2f}x"
-        else:
-            speedup = "-"
-        one_time = (trial.get("build_s") or 0.0) + (trial.get("first_call_s") or 0.0)
+    winner = plan.winning_trial
+    for trial in plan.ranked_trials():
+        latency = trial.latency
+        one_time = trial.one_time_s
         table.add_row(
-            trial["backend"],
-            format_params(trial["params"]),
-            f"{median:.2f}" if median else "-",
-            f"{latency['iqr_ms']:.2f}" if latency else "-",
-            f"{latency['p90_ms']:.2f}" if latency else "-",
-            speedup,
-            _accuracy_cell(trial.get("accuracy")),
-            f"{one_time:.1f}" if trial.get("build_s") is not None else "-",
-            _outcome(trial, _is_winner(plan, trial), baseline_ms, plan.decision),
+            trial.backend,
+            format_params(trial.params),
+            f"{latency.median_ms:.2f}" if latency else "-",
+            f"{latency.iqr_ms:.2f}" if latency else "-",
+            f"{latency.p90_ms:.2f}" if latency else "-",
+            speedup_cell(trial, plan.baseline),
+            accuracy_cell(trial.accuracy),
+            f"{one_time:.1f}" if one_time is not None else "-",
+            outcome(plan, trial, winner),
         )
     return render(table)
-
-
-def _median(trial: dict[str, Any]) -> float:
-    return (trial.get("latency") or {}).get("median_ms", float("inf"))
 
 
 def plans_table(plans: list[Plan]) -> str:

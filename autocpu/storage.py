@@ -8,15 +8,18 @@ Default: one append-only Optuna journal file per plan key under ``<cache>/studie
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
-from autocpu.errors import AutocpuError
+from autocpu.errors import AutocpuError, one_line
+from autocpu.plans import move_aside, versions_id
 from autocpu.search import make_sampler
+
+if TYPE_CHECKING:
+    from autocpu.options import TuneOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,22 @@ def _url_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.get_storage(url)
 
 
-def _move_aside(path: Path, cache_root: Path, error: Exception) -> None:
-    target = cache_root / "corrupt" / f"{path.name}.{int(time.time() * 1000)}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
-    log.warning("corrupt study %s (%s): moved to %s", path.name, str(error)[:120], target)
+def in_memory_study(sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """A study that is not kept (``tune(cache=False)`` without a storage)."""
+    return optuna.create_study(direction="minimize", sampler=sampler)
+
+
+def study_for(
+    options: TuneOptions, key: str, versions: dict[str, str], machine: str, cache_root: Path
+) -> optuna.Study:
+    """The tune's study: kept (journal or ``options.storage``) and keyed by the plan key and
+    the package versions, so a tune resumes only under the versions that began it; in memory
+    when neither the cache nor a storage is in use."""
+    sampler = make_sampler(options.search)
+    if not (options.cache or options.storage):
+        return in_memory_study(sampler)
+    study_key = f"{key}-{versions_id(versions)}"
+    return open_study(study_key, machine, cache_root, options.storage, sampler)
 
 
 def open_study(
@@ -62,8 +76,10 @@ def open_study(
     storage: str | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """Create or resume the study for ``key``; refuse one measured on another machine."""
-    sampler = sampler or make_sampler("tpe")
+    """Create or resume the study for ``key``; refuse one measured on another machine.
+
+    ``storage``: an Optuna URL, else a journal file under ``cache_root``; ``sampler``: the
+    search's (Optuna's default when None)."""
     name = study_name(key)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,8 +89,7 @@ def open_study(
                 backend = _url_storage(storage)
             except Exception as error:
                 raise AutocpuError(
-                    f"cannot open study storage {storage!r} ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:160]})",
+                    f"cannot open study storage {storage!r} ({one_line(error, 160)})",
                     "pass an Optuna storage URL that is reachable, e.g. "
                     "postgresql://user:password@host/db",
                 ) from None
@@ -84,7 +99,7 @@ def open_study(
                 backend = _journal_storage(path)
                 optuna.get_all_study_names(backend)  # reads the whole journal: corrupt?
             except Exception as error:
-                _move_aside(path, cache_root, error)
+                move_aside(path, cache_root, "study", error)
                 backend = _journal_storage(path)
         study = optuna.create_study(
             study_name=name,

@@ -8,8 +8,16 @@ from typing import Any
 
 import torch
 
-from autocpu.plans import Plan
+from autocpu.backends import BuildContext, get_backend
+from autocpu.backends.base import quiet_build_logs
+from autocpu.hardware import probe
+from autocpu.models import ModelSpec
+from autocpu.plans import Plan, PlanCache
 from autocpu.report import explain_table
+from autocpu.workloads import Workload
+
+#: Where a tuned model's plan came from, as ``TunedModel.source`` says it.
+SOURCES = {"search": "new plan", "cache": "cached plan", "tuning_db": "shipped plan"}
 
 
 class TunedModel(torch.nn.Module):
@@ -20,15 +28,19 @@ class TunedModel(torch.nn.Module):
     ``generate()`` runs on the original model's modules unless the plan's backend provides it.
     """
 
-    def __init__(self, model: torch.nn.Module, runner: Any, plan: Plan, *, from_cache: bool):
+    def __init__(self, model: torch.nn.Module, runner: Any, plan: Plan, *, source: str):
         super().__init__()
         self.model = model
         self.runner = runner
         self.plan = plan
-        self.from_cache = from_cache
-        #: Where the plan came from: "search", "cache" or "tuning_db".
-        self.source = "cache" if from_cache else "search"
+        #: Where the plan came from: "search", "cache" or "tuning_db" (see SOURCES).
+        self.source = source
         self._arg_names = _positional_names(model)
+
+    @property
+    def from_cache(self) -> bool:
+        """Whether the plan was reused (from the cache or the tuning database), not searched."""
+        return self.source != "search"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -47,7 +59,7 @@ class TunedModel(torch.nn.Module):
         return explain_table(self.plan)
 
     def __repr__(self) -> str:
-        source = {"search": "new plan", "cache": "cached plan"}.get(self.source, self.source)
+        source = SOURCES.get(self.source, self.source)
         return f"TunedModel({type(self.model).__name__}, {self.plan.summary()}, {source})"
 
 
@@ -69,5 +81,16 @@ def tuned_class_for(model_class: type) -> type[TunedModel]:
     )
 
 
-def wrap(model: torch.nn.Module, runner: Any, plan: Plan, *, from_cache: bool) -> TunedModel:
-    return tuned_class_for(type(model))(model, runner, plan, from_cache=from_cache)
+def wrap(model: torch.nn.Module, runner: Any, plan: Plan, *, source: str) -> TunedModel:
+    return tuned_class_for(type(model))(model, runner, plan, source=source)
+
+
+def build_tuned(
+    spec: ModelSpec, plan: Plan, workload: Workload, cache: PlanCache, *, source: str
+) -> TunedModel:
+    """Rebuild a plan's winner for ``spec`` (no search, no measurement)."""
+    backend = get_backend(plan.backend)
+    ctx = BuildContext(probe(), workload.batches, cache.artifacts_dir(spec.fingerprint_id))
+    with quiet_build_logs():
+        runner = backend.bind(backend.build(spec, plan.params, ctx), plan.params)
+    return wrap(spec.model, runner, plan, source=source)

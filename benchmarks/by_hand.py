@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from autocpu.errors import one_line
 from autocpu.models import load_model_dir
-from autocpu.search import one_line
 
 Call = Callable[..., Any]
 

@@ -33,8 +33,8 @@ from autocpu.measure import interleaved
 from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
-from autocpu.search import workload
 from autocpu.sharing import SharedPlan, export_bundle, install, read_bundle, tuning_db
+from autocpu.workloads import ForwardPass
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
@@ -153,7 +153,9 @@ def run_one(
         reference = primary(columns[0].run(**batch))
     threads = torch.get_num_threads()
     runnable = [c for c in columns if c.run is not None]
-    workloads = {c.name: workload(Runner(c.run, threads=threads), [batch]) for c in runnable}
+    workloads = {
+        c.name: ForwardPass([batch]).timed(Runner(c.run, threads=threads)) for c in runnable
+    }
     say(f"  measuring {len(workloads)} columns interleaved")
     comparison = interleaved(
         workloads,
@@ -252,7 +254,7 @@ def row_cache(work: Path, model: str, shape: str) -> Path:
 
 def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
     """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``. Plans of
-    rows measured in an earlier session, whose work folder is gone, are kept from the bundle."""
+    rows whose work folder is gone (measured on another run) are kept from the bundle."""
     earlier = {shared.plan.key: shared for shared in read_bundle(target)} if target.exists() else {}
     staging = work / "tuning-db-export"
     shutil.rmtree(staging, ignore_errors=True)  # a canary left by an earlier export must not ship

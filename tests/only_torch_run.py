@@ -26,6 +26,6 @@ from autocpu.cli import main  # noqa: E402
 
 main(["probe"])
 tuned = autocpu.tune(tiny_model("bert"), tiny_inputs("bert"), n_trials=2, cache=False)
-skipped = {r["backend"]: r["reason"] for r in tuned.plan.trials if r["status"] == "ineligible"}
+skipped = {r.backend: r.reason for r in tuned.plan.trials if r.status == "ineligible"}
 print("SKIPPED", sorted(skipped))
 print("LOADED", sorted(m for m, mod in sys.modules.items() if mod and m.split(".")[0] in BLOCKED))

@@ -37,17 +37,15 @@ def test_where_optimum_dropped_it_the_reason_names_the_version_and_the_successor
     tuned = autocpu.tune(
         model, inputs, n_trials=1, backends=["eager", "bettertransformer"], isolation="none"
     )
-    skipped = [t for t in tuned.plan.trials if t["backend"] == "bettertransformer"]
-    assert [t["status"] for t in skipped] == ["ineligible"]
+    skipped = [t for t in tuned.plan.trials if t.backend == "bettertransformer"]
+    assert [t.status for t in skipped] == ["ineligible"]
     version = importlib.metadata.version("optimum")
-    assert skipped[0]["reason"].startswith(
+    assert skipped[0].reason.startswith(
         f"optimum {version} no longer provides BetterTransformer ({import_problem()})"
     )
-    assert "attention=sdpa in the eager backend) is its successor" in skipped[0]["reason"]
-    assert "\n" not in skipped[0]["reason"]
-    assert not any(
-        t["backend"] == "bettertransformer" and t["status"] == "ok" for t in tuned.plan.trials
-    )
+    assert "attention=sdpa in the eager backend) is its successor" in skipped[0].reason
+    assert "\n" not in skipped[0].reason
+    assert not any(t.backend == "bettertransformer" and t.status == "ok" for t in tuned.plan.trials)
 
 
 @pytest.mark.skipif(ELIGIBLE, reason="BetterTransformer is available here")
@@ -114,8 +112,8 @@ def test_tune_runs_bettertransformer_and_its_model_matches_eager(cache_dir):
     model = tiny_model("distilbert", "AutoModelForSequenceClassification")
     inputs = tiny_inputs("distilbert")
     tuned = autocpu.tune(model, inputs, n_trials=2, backends=["bettertransformer"])
-    trials = [t for t in tuned.plan.trials if t["backend"] == "bettertransformer"]
-    assert trials and all(t["status"] == "ok" for t in trials), trials
+    trials = [t for t in tuned.plan.trials if t.backend == "bettertransformer"]
+    assert trials and all(t.status == "ok" for t in trials), trials
     # On a model this small BetterTransformer may or may not beat eager beyond noise: check the
     # winner if it won, and the BetterTransformer candidate itself either way.
     assert tuned.plan.backend in ("bettertransformer", "eager"), tuned.plan.decision
@@ -133,4 +131,4 @@ def test_tune_runs_bettertransformer_and_its_model_matches_eager(cache_dir):
 def _with_backend(plan, trial):
     import dataclasses
 
-    return dataclasses.replace(plan, backend=trial["backend"], params=trial["params"])
+    return dataclasses.replace(plan, backend=trial.backend, params=trial.params)

@@ -64,9 +64,9 @@ def test_the_version_check_compares_major_minor_with_the_running_torch():
 def test_without_ipex_the_tune_records_why_it_was_skipped(cache_dir):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     tuned = autocpu.tune(model, inputs, n_trials=1, backends=["eager", "ipex"], isolation="none")
-    skipped = [t for t in tuned.plan.trials if t["backend"] == "ipex"]
-    assert [t["status"] for t in skipped] == ["ineligible"]
-    assert skipped[0]["reason"] == (
+    skipped = [t for t in tuned.plan.trials if t.backend == "ipex"]
+    assert [t.status for t in skipped] == ["ineligible"]
+    assert skipped[0].reason == (
         "intel-extension-for-pytorch is not installed (fix: pip install 'autocpu[ipex]' in a "
         "torch 2.8 environment (IPEX's last release needs torch 2.8.x; ci/legacy_lane.sh "
         "builds one))"
@@ -139,12 +139,12 @@ def test_tune_picks_ipex_and_its_model_matches_eager(cache_dir):
     model, inputs = tiny_model("bert", "AutoModelForSequenceClassification"), tiny_inputs("bert")
     tuned = autocpu.tune(model, inputs, n_trials=3, backends=["ipex"])
     plan = tuned.plan
-    trials = [t for t in plan.trials if t["backend"] == "ipex"]
-    assert trials and all(t["status"] == "ok" for t in trials), trials
+    trials = [t for t in plan.trials if t.backend == "ipex"]
+    assert trials and all(t.status == "ok" for t in trials), trials
     # Under load (a shared CI machine) the interleaved comparison may not prove the win beyond
     # noise, and then the baseline is kept: IPEX must still have been the best candidate.
     assert plan.backend == "ipex" or "(best: ipex " in plan.decision, plan.decision
-    fastest = min(trials, key=lambda t: t["latency"]["median_ms"])
+    fastest = min(trials, key=lambda t: t.latency.median_ms)
     ipex_model = (
         tuned
         if plan.backend == "ipex"
@@ -167,9 +167,9 @@ def test_a_bf16_tolerance_tunes_the_bf16_recipe(cache_dir):
     tuned = autocpu.tune(
         model, inputs, n_trials=3, backends=["ipex"], tolerance="bf16", isolation="none"
     )
-    bf16 = [t for t in tuned.plan.trials if t["params"].get("dtype") == "bf16"]
-    assert bf16 and bf16[0]["status"] == "ok", tuned.plan.trials
-    assert bf16[0]["accuracy"]["max_abs"] > 0
+    bf16 = [t for t in tuned.plan.trials if t.params.get("dtype") == "bf16"]
+    assert bf16 and bf16[0].status == "ok", tuned.plan.trials
+    assert bf16[0].accuracy.max_abs > 0
     out = tuned(**inputs)
     report = compare_outputs(
         reference(model, inputs), out, Tolerance.bf16(), inputs["attention_mask"]

@@ -136,15 +136,13 @@ def test_second_build_reuses_the_export(backend: OnnxRuntimeBackend, cases: dict
     first = backend.build(case.spec, params, case.ctx)
     onnx = first.path / "model.onnx"
     before = onnx.stat()
-    fresh = dataclasses.replace(case.ctx, notes={})
     # Runtime params differ: same build key, same files, nothing exported or derived again.
     other = {**params, "threads": 1, "opt_level": "basic", "spinning": False}
     assert backend.build_key(other) == backend.build_key(params)
-    second = backend.build(case.spec, other, fresh)
+    second = backend.build(case.spec, other, case.ctx)
     after = (second.path / "model.onnx").stat()
     assert second.path == first.path
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert "onnxruntime.build_seconds" not in fresh.notes
     assert first.path.parent.parent.name.startswith("onnx-")
 
 
@@ -155,14 +153,14 @@ def test_deleted_or_partial_variant_is_rebuilt(backend: OnnxRuntimeBackend, case
     shutil.rmtree(built.path)
     with pytest.raises(AutocpuError, match="build the candidate again"):
         backend.bind(built, params)  # a stale cached build says what to do
-    rebuilt = backend.build(case.spec, params, dataclasses.replace(case.ctx, notes={}))
+    rebuilt = backend.build(case.spec, params, case.ctx)
     assert common.is_complete(rebuilt.path)
     # A folder without the completeness marker (an interrupted build) is not trusted.
     (rebuilt.path / common.COMPLETE_MARKER).unlink()
     (rebuilt.path / "model.onnx").write_bytes(b"truncated")
-    ctx = dataclasses.replace(case.ctx, notes={})
-    again = backend.build(case.spec, params, ctx)
-    assert "fp32" in ctx.notes["onnxruntime.build_seconds"]
+    again = backend.build(case.spec, params, case.ctx)
+    assert common.is_complete(again.path)
+    assert (again.path / "model.onnx").stat().st_size > len(b"truncated")  # exported again
     outputs = named_tensors(backend.bind(again, params)(**case.inputs))
     assert max_diff(outputs, case, "logits") <= 1e-4
 

@@ -123,14 +123,12 @@ def test_second_build_reuses_the_export(backend: OpenVinoBackend, cases: dict[st
     params = backend.defaults(probe())
     first = backend.build(case.spec, params, case.ctx)
     before = (first.path / "openvino_model.bin").stat()
-    fresh = dataclasses.replace(case.ctx, notes={})
     other = {**params, "hint": "THROUGHPUT", "streams": 2, "threads": 1}
     assert backend.build_key(other) == backend.build_key(params)
-    second = backend.build(case.spec, other, fresh)
+    second = backend.build(case.spec, other, case.ctx)
     after = (second.path / "openvino_model.bin").stat()
     assert second.path == first.path
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert "openvino.build_seconds" not in fresh.notes
     assert first.path.parent.parent.name.startswith("openvino-")
 
 
@@ -139,10 +137,9 @@ def test_deleted_variant_is_rebuilt(backend: OpenVinoBackend, cases: dict[str, C
     params = backend.defaults(probe())
     built = backend.build(case.spec, params, case.ctx)
     shutil.rmtree(built.path)
-    ctx = dataclasses.replace(case.ctx, notes={})
-    rebuilt = backend.build(case.spec, params, ctx)
+    rebuilt = backend.build(case.spec, params, case.ctx)
     assert common.is_complete(rebuilt.path)
-    assert "fp32" in ctx.notes["openvino.build_seconds"]
+    assert (rebuilt.path / "openvino_model.xml").is_file()
     outputs = named_tensors(backend.bind(rebuilt, params)(**case.inputs))
     for key in case.reference:
         assert max_diff(outputs, case, key) <= 1e-4, key
@@ -214,7 +211,7 @@ def test_export_stays_fp32_above_the_size_threshold(
 
     monkeypatch.setattr(exporter, "_MAX_UNCOMPRESSED_SIZE", 0)
     case = cases["bert-cls"]
-    ctx = dataclasses.replace(case.ctx, artifact_dir=tmp_path, notes={})
+    ctx = dataclasses.replace(case.ctx, artifact_dir=tmp_path)
     params = backend.defaults(probe())
     built = backend.build(case.spec, params, ctx)
     assert _int8_constants(built.path) == 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import torch
-from conftest import MASKING_UTILS, tiny_inputs, tiny_model
+import transformers
+from conftest import MASKING_UTILS, VOCAB, tiny_inputs, tiny_model
 
 from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.backends import BuildContext, all_backends, get_backend
@@ -72,6 +74,46 @@ def test_eager_low_precision_stays_close_and_returns_fp32(kind, head, precision,
     assert first.dtype == torch.float32
     assert report.max_abs > 0  # really ran in another precision
     assert next(model.parameters()).dtype == torch.float32  # user's model untouched
+
+
+def tiny_mpnet() -> torch.nn.Module:
+    """A class without SDPA support in transformers 4.57 (``_supports_sdpa = False``)."""
+    config = transformers.MPNetConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        vocab_size=VOCAB,
+    )
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def eager_attentions(model: torch.nn.Module, trials: int = 20) -> set[str]:
+    """Every attention the eager backend proposes for ``model``: its queued defaults and lossy
+    recipes first (as the search queues them), then random draws of its space."""
+    backend, spec, hw = get_backend("eager"), make_spec(model), probe()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    queued = [backend.defaults(hw), *backend.lossy_defaults(spec, hw)]
+    for params in queued:
+        study.enqueue_trial({backend.key(k): v for k, v in params.items()})
+    seen = set()
+    for _ in range(len(queued) + trials):
+        seen.add(backend.suggest(study.ask(), spec, hw)["attention"])
+    return seen
+
+
+def test_eager_offers_sdpa_only_to_classes_that_support_it(tmp_path):
+    mpnet = tiny_mpnet()
+    assert eager_attentions(mpnet) == {"eager"}
+    assert all(
+        p["attention"] == "eager"
+        for p in get_backend("eager").lossy_defaults(make_spec(mpnet), probe())
+    )
+    assert eager_attentions(tiny_model("bert")) == {"eager", "sdpa"}
+    inputs = tiny_inputs("distilbert")  # MPNet takes no token_type_ids
+    runner = build("eager", mpnet, inputs, {"attention": "eager", "precision": "fp32"}, tmp_path)
+    assert compare_outputs(reference(mpnet, inputs), runner(**inputs), Tolerance.strict()).passed
 
 
 def test_gpt2_conv1d_becomes_linear_with_identical_outputs():

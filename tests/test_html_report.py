@@ -27,8 +27,8 @@ import autocpu
 from autocpu.errors import AutocpuError
 from autocpu.html_report import pareto_front, write_report
 from autocpu.plans import Plan
+from autocpu.records import TrialRecord
 from autocpu.report import format_params
-from autocpu.search import TrialRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -81,7 +81,7 @@ def hostile(plans: dict[str, Plan]) -> Plan:
     return dataclasses.replace(
         plan,
         decision=plan.decision + ' & "<i>quoted</i>"',
-        trials=[*plan.trials, failed.to_dict(), ineligible.to_dict()],
+        trials=[*plan.trials, failed, ineligible],
     )
 
 
@@ -125,9 +125,9 @@ class Dom(HTMLParser):
 def test_tunes_give_feasible_and_infeasible_points(plans: dict[str, Plan]) -> None:
     """The figures are only worth checking if both kinds of point are there to draw."""
     lossy = plans["strict"].tolerance["max_rel"]
-    passed = [t for t in plans["int8"].trials if (t["accuracy"] or {}).get("max_rel", 0) > lossy]
-    assert any(t["status"] == "ok" for t in passed)
-    assert any(t["status"] == "inaccurate" for t in plans["strict"].trials)
+    passed = [t for t in plans["int8"].trials if (t.accuracy.max_rel if t.accuracy else 0) > lossy]
+    assert any(t.status == "ok" for t in passed)
+    assert any(t.status == "inaccurate" for t in plans["strict"].trials)
 
 
 @pytest.mark.parametrize("name", ["int8", "strict"])
@@ -144,7 +144,7 @@ def test_page_names_winner_every_trial_and_decision(
     assert len(rows) == len(plan.trials)
     assert sum("winner" in row for row in rows) >= 1
     for trial in plan.trials:
-        assert f"<td>{html.escape(trial['backend'])}</td>" in text
+        assert f"<td>{html.escape(trial.backend)}</td>" in text
 
 
 @pytest.mark.parametrize("name", ["int8", "strict", "hostile"])

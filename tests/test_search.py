@@ -1,4 +1,5 @@
-"""The search's own rules: build reuse, the second-length check, and how a winner is chosen."""
+"""Trials on real backends (build reuse, the second-length check, threads) and how the finals'
+decision reads interleaved rounds."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from conftest import MASKING_UTILS, tiny_inputs, tiny_model
 
 from autocpu.accuracy import Tolerance
 from autocpu.backends import BuildContext, get_backend
+from autocpu.finals import decide as decide_winner
+from autocpu.finals import run_finals, undecided
 from autocpu.hardware import probe
 from autocpu.measure import compare
 from autocpu.models import make_spec
-from autocpu.search import TrialRecord, TrialRunner, undecided
-from autocpu.search import decide as decide_winner
+from autocpu.records import FAILED, INACCURATE, TrialRecord
+from autocpu.trials import TrialRunner
+from autocpu.workloads import ForwardPass
 
 
 def trial_runner(kind, head, inputs, tmp_path):
@@ -20,7 +24,7 @@ def trial_runner(kind, head, inputs, tmp_path):
     with torch.inference_mode():
         references = [spec.model(**inputs)]
     ctx = BuildContext(probe(), [inputs], tmp_path)
-    return TrialRunner(spec, [inputs], references, Tolerance.strict(), ctx)
+    return TrialRunner(spec, ForwardPass([inputs]), references, Tolerance.strict(), ctx)
 
 
 def test_trials_differing_only_in_threads_reuse_the_build(tmp_path):
@@ -40,11 +44,12 @@ def test_second_length_check_catches_a_shape_baked_trace(tmp_path):
     runner = trial_runner("gpt2", "AutoModelForCausalLM", inputs, tmp_path)
     record = runner.run(TrialRecord("torchscript", {"freeze": True, "optimize": False}))
     assert record.status == "ok"  # right at the traced length ...
-    try:
-        report = runner.check_second_length(record)
-    except RuntimeError:
-        return  # ... and an error at another length, which the search records as failed
-    assert not report.passed and "at sequence length 8" in report.failures[0]
+    finals = run_finals(runner, [record])
+    assert finals.finalists == {}  # ... and wrong or an error at another: no finalist
+    assert (record.status, record.reason.split(":")[0]) in [
+        (INACCURATE, "at sequence length 8"),
+        (FAILED, "at a second length"),
+    ], record.reason
 
 
 def test_threads_are_restored_after_each_trial(tmp_path):

@@ -41,8 +41,8 @@ def test_tuned_engine_model_works_in_a_pipeline(engine, tmp_path, cache_dir):
         tokenizer(["the model runs fast", "a good plan"], padding=True, return_tensors="pt")
     )
     tuned = autocpu.tune(model, inputs, n_trials=2, backends=[engine], isolation="none")
-    trials = [t for t in tuned.plan.trials if t["backend"] == engine]
-    assert trials and trials[0]["status"] == "ok", trials
+    trials = [t for t in tuned.plan.trials if t.backend == engine]
+    assert trials and trials[0].status == "ok", trials
     texts = ["the model runs fast on cpu", "bad cache", "a tuned plan"]
     expected = pipeline("text-classification", model=model, tokenizer=tokenizer)(texts)
     # Use the engine runner even if the baseline won this tiny race.
@@ -56,7 +56,7 @@ def test_tuned_engine_model_works_in_a_pipeline(engine, tmp_path, cache_dir):
 def _plan_for(plan, engine, trial):
     import dataclasses
 
-    return dataclasses.replace(plan, backend=engine, params=trial["params"])
+    return dataclasses.replace(plan, backend=engine, params=trial.params)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -97,7 +97,7 @@ def test_model_loaded_from_a_folder_then_changed_in_memory_is_exported_as_it_is(
         model.classifier.weight.mul_(-3.0)  # e.g. a head trained in this process
     inputs = tiny_inputs("bert")
     tuned = autocpu.tune(model, inputs, n_trials=1, backends=["onnxruntime"])
-    assert tuned.plan.trials[1]["status"] == "ok", tuned.plan.trials[1]["reason"]
+    assert tuned.plan.trials[1].status == "ok", tuned.plan.trials[1].reason
 
 
 def test_without_optional_engines_import_probe_and_tune_still_work():

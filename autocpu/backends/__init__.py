@@ -14,7 +14,7 @@ import os
 import pkgutil
 
 from autocpu.backends.base import Availability, Backend, BuildContext, Runner
-from autocpu.errors import AutocpuError
+from autocpu.errors import AutocpuError, one_line
 
 __all__ = ["Availability", "Backend", "BuildContext", "Runner", "all_backends", "get_backend"]
 
@@ -44,7 +44,7 @@ def _extra_classes() -> list[type[Backend]]:
             classes.append(getattr(importlib.import_module(module_name), class_name))
         except (ImportError, AttributeError) as error:
             raise AutocpuError(
-                f"cannot load backend {entry!r} ({error})",
+                f"cannot load backend {entry!r} ({one_line(error)})",
                 f"fix or remove it from {EXTRA_BACKENDS_ENV} / the autocpu.backends entry points",
             ) from None
     return classes

@@ -8,9 +8,7 @@ is imported with the backends, which must load fast and work without optimum ins
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -20,29 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from autocpu import tasks
 from autocpu.backends.base import Availability, Backend
 from autocpu.errors import AutocpuError
+from autocpu.hashing import stable_hash
+from autocpu.plans import package_versions
 
 if TYPE_CHECKING:
     from autocpu.backends.base import BuildContext
     from autocpu.hardware import CpuInfo
     from autocpu.models import ModelSpec
 
-#: Task name -> suffix of the optimum class (``ORTModelFor<suffix>``, ``OVModelFor<suffix>``).
-TASK_CLASS_SUFFIX = {
-    "feature-extraction": "FeatureExtraction",
-    "text-classification": "SequenceClassification",
-    "token-classification": "TokenClassification",
-    "question-answering": "QuestionAnswering",
-    "fill-mask": "MaskedLM",
-    "multiple-choice": "MultipleChoice",
-    "text-generation": "CausalLM",
-}
-
 #: Importing these registers each exporter's model configs with optimum's TasksManager. The
-#: package alone is not enough: ``optimum.exporters.onnx`` loads its configs lazily, so GPT-2
-#: looked unsupported, or exportable with its KV cache, depending on what the process had
-#: imported before.
+#: package alone is not enough: ``optimum.exporters.onnx`` loads its configs lazily, so without
+#: them GPT-2 looks unsupported, or exportable with its KV cache, depending on what else the
+#: process has imported.
 _EXPORTER_MODULES = {
     "onnx": "optimum.exporters.onnx.model_configs",
     "openvino": "optimum.exporters.openvino.model_configs",
@@ -104,7 +94,7 @@ _OTHER_BACKEND = "use another backend for this model"
 
 def model_class(module: str, prefix: str, task: str) -> type | None:
     """The optimum class for ``task`` (e.g. ``ORTModelForCausalLM``), or None if it has none."""
-    suffix = TASK_CLASS_SUFFIX.get(task)
+    suffix = tasks.optimum_suffix(task)
     if suffix is None:
         return None
     return getattr(importlib.import_module(module), f"{prefix}{suffix}", None)
@@ -112,13 +102,7 @@ def model_class(module: str, prefix: str, task: str) -> type | None:
 
 def versions_hash(dists: Iterable[str]) -> str:
     """Short hash of installed versions: exports from other versions are never reused."""
-    found = {}
-    for dist in sorted(set(dists)):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = None
-    return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:10]
+    return stable_hash(package_versions(sorted(set(dists))), 10)
 
 
 def supported_tasks(exporter: str, model_type: str) -> set[str] | str:
@@ -269,21 +253,23 @@ def check_built(built: ExportedVariant) -> None:
         )
 
 
-def ensure_variant(target: Path, make: Callable[[Path], None], info: dict[str, Any]) -> bool:
-    """Make ``target`` with ``make(tmp)`` unless a complete copy exists; True if it was made.
+def ensure_variant(target: Path, make: Callable[[Path], None], **info: Any) -> None:
+    """Make ``target`` with ``make(tmp)`` unless a complete copy exists.
 
     ``make`` writes into a temporary sibling that is renamed into place after the marker is
     written, so a crash never leaves a folder that looks complete, and a deleted folder is
     simply made again. A file lock keeps two processes from making the same variant at once.
+    The marker holds ``info`` and how many seconds ``make`` took, for whoever inspects the
+    cache.
     """
     from filelock import FileLock
 
     if is_complete(target):
-        return False
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.with_name(f".{target.name}.lock"))):
         if is_complete(target):
-            return False
+            return
         if target.exists():
             shutil.rmtree(target)  # left over from an interrupted build
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -296,24 +282,6 @@ def ensure_variant(target: Path, make: Callable[[Path], None], info: dict[str, A
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return True
-
-
-def make_variant(
-    ctx: BuildContext, backend: str, folder: Path, make: Callable[[Path], None], **info: Any
-) -> None:
-    """:func:`ensure_variant`, noting the one-time cost in ``ctx.notes`` when it was made."""
-    if ensure_variant(folder, make, {"backend": backend, **info}):
-        made = ctx.notes.setdefault(f"{backend}.build_seconds", {})
-        made[folder.name] = build_seconds(folder)
-
-
-def build_seconds(folder: Path) -> float | None:
-    """How long making a variant took, as recorded in its marker (for one-time cost reports)."""
-    try:
-        return float(json.loads((folder / COMPLETE_MARKER).read_text())["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def copy_side_files(source: Path, target: Path) -> None:

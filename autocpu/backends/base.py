@@ -15,7 +15,7 @@ import shutil
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,7 +60,6 @@ class BuildContext:
     hw: CpuInfo
     example_inputs: list[dict[str, Any]]
     artifact_dir: Path
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Runner:

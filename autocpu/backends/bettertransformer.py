@@ -1,9 +1,10 @@
 """BetterTransformer (optimum < 2.0): fused encoder layers on nested tensors, fp32 or bf16.
 
-optimum 2.0 removed it and optimum 1.24+ refuses it with transformers >= 4.49; where it is gone,
-native SDPA attention (``attention=sdpa`` in the eager backend) is its successor. Its encoder
-fast path skips padded tokens, so their outputs differ (zeros); the accuracy gate compares real
-tokens only. It refuses models built with SDPA attention, so candidates start from an eager one.
+optimum 2.0 has no BetterTransformer and optimum 1.24+ refuses it with transformers >= 4.49;
+where it is unavailable, native SDPA attention (``attention=sdpa`` in the eager backend) is its
+successor. Its encoder fast path skips padded tokens, so their outputs differ (zeros); the
+accuracy gate compares real tokens only. It refuses models built with SDPA attention, so
+candidates start from an eager one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from autocpu.backends.base import Availability, Backend, BuildContext
 from autocpu.backends.eager import with_attention, with_fp32_outputs
+from autocpu.errors import one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -41,8 +43,7 @@ def import_problem() -> str | None:
     try:
         import optimum.bettertransformer  # noqa: F401
     except Exception as error:
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+        return one_line(error, 160)
     return None
 
 

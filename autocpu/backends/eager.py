@@ -1,8 +1,10 @@
 """PyTorch eager: attention implementation, threads, bf16 and dynamic int8.
 
-bf16 is offered only with native bf16 math (avx512_bf16 or AMX): elsewhere it runs ~2x slower
-than fp32. Dynamic int8 quantizes Linear layers; GPT-2's Conv1D layers become Linear first,
-since ``quantize_dynamic`` silently skips them (GUIDE 2b).
+SDPA attention is offered only to model classes that declare it (``_supports_sdpa``):
+transformers refuses to build any other class with it. bf16 is offered only with native bf16
+math (avx512_bf16 or AMX): elsewhere it runs ~2x slower than fp32. Dynamic int8 quantizes
+Linear layers; GPT-2's Conv1D layers become Linear first, since ``quantize_dynamic`` leaves
+them fp32 without a warning.
 """
 
 from __future__ import annotations
@@ -35,14 +37,25 @@ def precisions_for(hw: CpuInfo) -> list[str]:
 
 
 def attention_choices(model: torch.nn.Module) -> list[str]:
-    """Attention implementations this model class supports (SDPA replaced BetterTransformer)."""
+    """Attention implementations this model class supports, among the two worth trying on CPU.
+
+    transformers builds a class with SDPA only when it sets ``_supports_sdpa`` (a class
+    attribute, a property on some composite models); any class can run eager attention.
+    """
     choices = ["eager"]
     if getattr(model, "_supports_sdpa", False):
         choices.append("sdpa")
     return choices
 
 
+def preferred_attention(model: torch.nn.Module) -> str:
+    """SDPA where the class supports it (transformers' own default), else eager."""
+    return attention_choices(model)[-1]
+
+
 def current_attention(model: torch.nn.Module) -> str:
+    """The attention implementation the model was built with (``config._attn_implementation``,
+    which transformers resolves at load time; eager for a model without a config)."""
     return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
 
 
@@ -90,7 +103,8 @@ def with_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
     """A copy of ``model`` built with another attention implementation, same weights.
 
     Rebuilding from the config works for every model class, unlike ``set_attn_implementation``,
-    which older-style models (BERT in transformers 4.57) refuse.
+    which classes whose attention layers do not dispatch through ``ALL_ATTENTION_FUNCTIONS``
+    (BERT in transformers 4.57) refuse: their implementation is chosen when they are built.
     """
     from transformers.modeling_utils import no_init_weights
 
@@ -140,17 +154,35 @@ class EagerBackend(Backend):
         return Availability.yes()
 
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
+        """What plain transformers runs: SDPA attention and fp32, on a thread per usable CPU.
+
+        These name no model, so they say SDPA; for a class without SDPA :meth:`suggest` has no
+        attention choice and runs eager, so this candidate, queued as a trial, still builds.
+        """
         return {"attention": "sdpa", "precision": "fp32", "threads": hw.usable_cpus}
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """bf16 weights (with native bf16) and dynamic int8, with the model's best attention."""
         lossy = [p for p in precisions_for(hw) if p in ("bf16_weights", "int8_dynamic")]
-        return [{**self.defaults(hw), "precision": precision} for precision in lossy]
+        base = {**self.defaults(hw), "attention": preferred_attention(spec.model)}
+        return [{**base, "precision": precision} for precision in lossy]
 
     def suggest(
         self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
     ) -> dict[str, Any]:
+        """Attention among what the class supports, precision among what the CPU runs well.
+
+        A class without SDPA gets no attention parameter at all rather than a one-choice one:
+        Optuna raises on a queued value outside the choices (the defaults' SDPA), and a
+        parameter that cannot vary adds nothing to the search.
+        """
+        choices = attention_choices(spec.model)
         return {
-            "attention": trial.suggest_categorical(self.key("attention"), ["eager", "sdpa"]),
+            "attention": (
+                trial.suggest_categorical(self.key("attention"), choices)
+                if len(choices) > 1
+                else choices[0]
+            ),
             "precision": trial.suggest_categorical(
                 self.key("precision"), precisions_for(hw) if lossy else ["fp32"]
             ),

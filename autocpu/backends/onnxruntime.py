@@ -97,8 +97,8 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         }
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
-        """Dynamic int8 on the fused graph: the usual ORT recipe (measured 42-55 ms vs 155-196
-        fp32 eager on bert-base here)."""
+        """Dynamic int8 on the fused graph: the usual ORT recipe, 3-4x faster than fp32 eager
+        on bert-base (42-55 ms against 155-196 ms)."""
         if not hw.fast_int8:
             return []
         fusion = self.fusion_model_type(spec.model_type) is not None
@@ -140,8 +140,8 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         task = common.export_task("onnx", spec.model_type, spec.task)
         root = common.model_root(ctx, "onnx", spec, self.artifact_dists, task)
         folder = root / "fp32"
-        common.make_variant(
-            ctx, self.name, folder, lambda tmp: self._export(spec, ctx, task, tmp), task=task
+        common.ensure_variant(
+            folder, lambda tmp: self._export(spec, ctx, task, tmp), backend=self.name, task=task
         )
         if params.get("fusion", False):
             ort_type = self.fusion_model_type(spec.model_type)
@@ -151,8 +151,11 @@ class OnnxRuntimeBackend(common.OptimumBackend):
                     "search with fusion=False for this model",
                 )
             source, folder = folder, root / "fused"
-            common.make_variant(
-                ctx, self.name, folder, lambda tmp: _fuse(spec, ort_type, source, tmp), fusion=True
+            common.ensure_variant(
+                folder,
+                lambda tmp: _fuse(spec, ort_type, source, tmp),
+                backend=self.name,
+                fusion=True,
             )
         quantize = params.get("quantize", "none")
         if quantize not in QUANTIZE_CHOICES:
@@ -161,8 +164,11 @@ class OnnxRuntimeBackend(common.OptimumBackend):
             per_channel = bool(params.get("per_channel", False))
             source = folder
             folder = root / _int8_name(source.name, per_channel)
-            common.make_variant(
-                ctx, self.name, folder, lambda tmp: _quantize(source, tmp, per_channel), int8=True
+            common.ensure_variant(
+                folder,
+                lambda tmp: _quantize(source, tmp, per_channel),
+                backend=self.name,
+                int8=True,
             )
         return common.ExportedVariant(
             folder,

@@ -1,6 +1,6 @@
 """OpenVINO through optimum-intel: export to IR once, optional int8 weights, tuned compile config.
 
-Two facts shape this backend (see GUIDE.md):
+Two facts shape this backend:
 
 * OpenVINO runs in **bf16 by default** on CPUs with AVX512-BF16 or AMX, which changes numerics.
   Every candidate therefore sets ``INFERENCE_PRECISION_HINT`` explicitly, and :meth:`bind` reads
@@ -71,7 +71,8 @@ class OpenVinoBackend(common.OptimumBackend):
     # Search space -----------------------------------------------------------------------------
 
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
-        """optimum-intel's settings, except precision: f32, not the bf16 OpenVINO picks here."""
+        """optimum-intel's settings, except precision: f32, not the bf16 OpenVINO picks on CPUs
+        with native bf16."""
         return {
             "weights": "fp32",
             "hint": "LATENCY",
@@ -122,8 +123,8 @@ class OpenVinoBackend(common.OptimumBackend):
         task = common.export_task("openvino", spec.model_type, spec.task)
         root = common.model_root(ctx, "openvino", spec, self.artifact_dists, task)
         folder = root / "fp32"
-        common.make_variant(
-            ctx, self.name, folder, lambda tmp: _export(spec, ctx, task, tmp), task=task
+        common.ensure_variant(
+            folder, lambda tmp: _export(spec, ctx, task, tmp), backend=self.name, task=task
         )
         weights = params.get("weights", "fp32")
         if weights not in WEIGHTS:
@@ -132,7 +133,7 @@ class OpenVinoBackend(common.OptimumBackend):
             if not nncf_installed():
                 raise AutocpuError("int8 weights need nncf", "pip install 'autocpu[nncf]'")
             source, folder = folder, root / "int8"
-            common.make_variant(ctx, self.name, folder, lambda tmp: _compress(source, tmp))
+            common.ensure_variant(folder, lambda tmp: _compress(source, tmp), backend=self.name)
         return common.ExportedVariant(
             folder,
             spec.task,
@@ -196,7 +197,7 @@ def _run_compiled(model: Any, feed: dict[str, Any]) -> dict[str, Any]:
 
 def _export(spec: ModelSpec, ctx: BuildContext, task: str, target: Path) -> None:
     """Export in a child process: OpenVINO's PyTorch frontend leaves the exporting process's
-    TorchScript runtime broken (a frozen trace called after an export segfaulted here), and
+    TorchScript runtime broken (a frozen trace called after an export segfaults), and
     the user's process may hold such graphs, or try the TorchScript backend next."""
     source = spec.saved_copy(ctx.artifact_dir)
     command = [sys.executable, "-m", __name__, str(source), spec.task, task, str(target)]

@@ -1,6 +1,6 @@
 """torch.compile with Inductor: freezing and max-autotune on or off.
 
-Compilation happens on the first call (15-25 s for bert-base here, 6 s with a warm cache), so
+Compilation happens on the first call (15-25 s for bert-base, 6 s with a warm cache), so
 the build makes that call and the search books it as a one-time cost. Inductor's cache goes into
 autocpu's cache (unless the user set TORCHINDUCTOR_CACHE_DIR) so a reload compiles warm.
 """

@@ -2,7 +2,9 @@
 
 Deprecated by PyTorch but still often faster than eager. Traces bake in shapes and control flow,
 which is why the search re-checks the winner at a second sequence length. GPT-2 style models
-trace only with the older SDPA mask function and without a KV cache (GUIDE 2b).
+trace only with transformers' SDPA mask function for older torch (the current one uses
+``vmap``, which the tracer cannot record) and without a KV cache (the cache is an object, not a
+tensor a traced graph can return).
 """
 
 from __future__ import annotations

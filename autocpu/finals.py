@@ -1,0 +1,159 @@
+"""The finals: the fastest candidates re-checked at a second sequence length, re-measured
+against the baseline interleaved, and the decision.
+
+The fastest finalist wins if it beats the baseline beyond noise (median per-round ratio) and
+beyond chance (one-sided signed-rank test); finalists within noise of the fastest tie, and a
+tie goes to the simplest backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from autocpu.backends import get_backend
+from autocpu.errors import one_line
+from autocpu.measure import Comparison, LatencyStats, interleaved
+from autocpu.records import BASELINE, FAILED, INACCURATE, OK, TrialRecord
+
+if TYPE_CHECKING:
+    from autocpu.trials import Executor, TrialRunner
+
+log = logging.getLogger(__name__)
+
+#: Ratios closer than this are noise on a shared 2-vCPU machine: the same interleaved ratio
+#: moved by about this much between two runs minutes apart.
+NOISE = 0.03
+#: Candidates re-measured in the finals (the fastest that pass the second-length check).
+FINALISTS = 3
+#: A finalist must beat the baseline at this one-sided significance (signed-rank test).
+ALPHA = 0.05
+
+
+@dataclass
+class Finals:
+    """What the finals measured: every candidate re-checked (failures carry their new status)
+    and the interleaved comparison of the finalists, keyed by their labels."""
+
+    checked: list[TrialRecord]
+    finalists: dict[str, TrialRecord]
+    comparison: Comparison
+
+
+@dataclass
+class SearchResult:
+    """The decision and the evidence a plan keeps."""
+
+    winner: TrialRecord
+    baseline: LatencyStats
+    winner_stats: LatencyStats
+    speedup: float
+    speedup_iqr: tuple[float, float]
+    decision: str
+    records: list[TrialRecord]
+
+
+def run_finals(runner: TrialRunner, candidates: list[TrialRecord]) -> Finals:
+    """Check ``candidates`` (fastest first) at a second length until FINALISTS pass, then
+    re-measure those against the baseline interleaved until the decision is settled."""
+    checked: list[TrialRecord] = []
+    finalists: dict[str, TrialRecord] = {}
+    for record in candidates:
+        if len(finalists) == FINALISTS:
+            break
+        checked.append(record)
+        try:
+            report = runner.check_second_length(record)
+        except Exception as error:  # a graph that only runs at the example's shape
+            record.fail(FAILED, f"at a second length: {one_line(error)}")
+            continue
+        if report is not None and not report.passed:
+            record.fail(INACCURATE, "; ".join(report.failures[:3]))
+            continue
+        finalists[f"candidate{len(finalists)}"] = record
+    timed = {BASELINE: runner.workload.timed(runner.baseline_runner())}
+    for label, record in finalists.items():
+        built, _ = runner.runner(get_backend(record.backend), record.params)
+        timed[label] = runner.workload.timed(built)
+    try:
+        comparison = interleaved(
+            timed, BASELINE, settled=lambda so_far: not undecided(finalists, so_far)
+        )
+    finally:
+        torch.set_num_threads(runner.default_threads)
+    for label, record in finalists.items():
+        record.speedup = comparison.speedup[label]
+    return Finals(checked, finalists, comparison)
+
+
+def conclude(executor: Executor, baseline: TrialRecord, records: list[TrialRecord]) -> SearchResult:
+    """Run the finals over the study's feasible candidates and decide."""
+    feasible = sorted((r for r in records if r.status == OK), key=lambda r: r.median_ms)
+    finals = executor.finals(feasible)
+    label, decision = decide(finals.finalists, finals.comparison)
+    log.info("decision: %s", decision)
+    updated = {r.identity: r for r in finals.checked}  # second-length verdicts and speedups
+    baseline.speedup = 1.0
+    comparison = finals.comparison
+    return SearchResult(
+        winner=finals.finalists.get(label, baseline),
+        baseline=comparison.stats[BASELINE],
+        winner_stats=comparison.stats[label],
+        speedup=comparison.speedup[label],
+        speedup_iqr=comparison.speedup_iqr[label],
+        decision=decision,
+        records=[baseline, *(updated.get(r.identity, r) for r in records)],
+    )
+
+
+def _preferred(names: Mapping[str, TrialRecord], speedup: Mapping[str, float]) -> tuple[str, str]:
+    """The fastest finalist's label, and the simplest finalist within noise of it."""
+    fastest = max(names, key=lambda label: speedup[label])
+    ties = [label for label in names if speedup[label] >= speedup[fastest] * (1 - NOISE)]
+    simplest = min(
+        ties, key=lambda label: (get_backend(names[label].backend).simplicity, -speedup[label])
+    )
+    return fastest, simplest
+
+
+def _proven(comparison: Comparison, label: str) -> bool:
+    """Faster than the baseline beyond noise (median ratio) and beyond chance (signed rank)."""
+    return comparison.speedup[label] >= 1 + NOISE and comparison.p_not_faster[label] <= ALPHA
+
+
+def undecided(names: Mapping[str, TrialRecord], comparison: Comparison) -> bool:
+    """Whether more interleaved rounds could still change the decision: the preferred finalist
+    is ahead of the baseline beyond noise but not yet proven faster."""
+    if not names:
+        return False
+    _, chosen = _preferred(names, comparison.speedup)
+    return comparison.speedup[chosen] >= 1 + NOISE and not _proven(comparison, chosen)
+
+
+def decide(names: Mapping[str, TrialRecord], comparison: Comparison) -> tuple[str, str]:
+    """The winner's label (``"baseline"`` when none is proven faster) and why."""
+    if not names:
+        return BASELINE, "no candidate passed the accuracy gate: keeping the model as is"
+    speedup = comparison.speedup
+    fastest, chosen = _preferred(names, speedup)
+    record = names[chosen]
+    low, high = comparison.speedup_iqr[chosen]
+    p_value = comparison.p_not_faster[chosen]
+    p_text = "p<0.001" if p_value < 0.001 else f"p={p_value:.3f}"
+    details = f"IQR {low:.2f}-{high:.2f}, {p_text} over {comparison.rounds} interleaved rounds"
+    if not _proven(comparison, chosen):
+        return BASELINE, (
+            f"no candidate beat the baseline beyond noise and chance (best: {record.backend} at "
+            f"{speedup[chosen]:.2f}x, {details}): keeping the model as is"
+        )
+    why = f"{record.backend} won at {speedup[chosen]:.2f}x over the baseline ({details})"
+    if chosen != fastest:
+        why += (
+            f"; {names[fastest].backend} measured {speedup[fastest]:.2f}x, a tie within "
+            f"{NOISE:.0%} noise, and {record.backend} is simpler"
+        )
+    return chosen, why

@@ -1,0 +1,182 @@
+"""Every option of ``tune()``: its default, its validation and its CLI flag, defined once.
+
+``tune()`` builds a :class:`TuneOptions` from its keywords; ``autocpu tune`` derives its flags
+(names, defaults, help) from the fields' metadata, so a default lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autocpu.errors import AutocpuError
+
+if TYPE_CHECKING:
+    from autocpu.accuracy import Tolerance
+
+#: The budget when neither ``n_trials`` nor ``timeout`` is given (a sampled search).
+DEFAULT_TRIALS = 20
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TRIAL_TIMEOUT_S = 900.0
+#: How the study picks candidates: Optuna's TPE within a budget, or every point of the space
+#: (Optuna's BruteForceSampler: the benchmark's oracle, and for users who can afford it).
+SEARCH_STRATEGIES = ("tpe", "exhaustive")
+#: Where trials run: a fresh worker process each (protected), or the caller's process (faster).
+ISOLATION_MODES = ("process", "none")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _flag(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
+    """Field metadata: the option is an ``autocpu tune`` flag with this help."""
+    return {"cli": {"help": help, **argparse_kwargs}}
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How to tune: accuracy, budget, where trials run and where results are kept.
+
+    ``tolerance`` accepts a :class:`Tolerance`, a preset name, a dict of its fields or a number
+    (a max relative difference); it is stored parsed.
+    """
+
+    tolerance: Tolerance = field(
+        default="strict",
+        metadata=_flag("strict, bf16, int8, or a max relative difference such as 0.01"),
+    )
+    n_trials: int | None = field(
+        default=None,
+        metadata=_flag(
+            f"trial budget (default {DEFAULT_TRIALS})", flag="--trials", type=int, metavar="N"
+        ),
+    )
+    timeout: float | None = field(
+        default=None, metadata=_flag("time budget in seconds", type=float)
+    )
+    search: str = field(
+        default="tpe",
+        metadata=_flag(
+            "tpe: a budgeted sample (default); exhaustive: every point of the space (slow)",
+            choices=SEARCH_STRATEGIES,
+        ),
+    )
+    backends: list[str] | None = field(
+        default=None,
+        metadata=_flag("comma-separated subset, e.g. eager,torchscript", type=_comma_list),
+    )
+    cache: bool = field(
+        default=True,
+        metadata=_flag(
+            "ignore and do not write cached plans", flag="--no-cache", action="store_false"
+        ),
+    )
+    cache_dir: str | Path | None = field(
+        default=None, metadata=_flag("default: $AUTOCPU_CACHE_DIR or user cache")
+    )
+    task: str | None = field(
+        default=None,
+        metadata=_flag(
+            "e.g. feature-extraction, text-classification (default: from config.architectures)"
+        ),
+    )
+    isolation: str = field(
+        default="process",
+        metadata=_flag(
+            "run each trial in a worker process (default) or in this one", choices=ISOLATION_MODES
+        ),
+    )
+    storage: str | None = field(
+        default=None,
+        metadata=_flag(
+            "Optuna storage URL for the study, e.g. postgresql://user:pw@host/db "
+            "(default: a journal file in the cache; an interrupted tune resumes)"
+        ),
+    )
+    trial_timeout: float = field(
+        default=DEFAULT_TRIAL_TIMEOUT_S, metadata=_flag("seconds per trial", type=float)
+    )
+    memory_limit_gb: float | None = field(
+        default=None, metadata=_flag("per trial (default: 80%% of RAM)", type=float)
+    )
+    #: Called when each trial starts and ends (the CLI draws its progress bar with it).
+    progress: Callable[[Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        from autocpu.accuracy import Tolerance  # torch: loaded when a tune starts, not for --help
+
+        object.__setattr__(self, "tolerance", Tolerance.parse(self.tolerance))
+        problems = self._problems()
+        if problems:
+            raise AutocpuError(*problems[0])
+
+    def _problems(self) -> list[tuple[str, str]]:
+        found = []
+        if self.n_trials is not None and self.n_trials < 1:
+            found.append((f"n_trials={self.n_trials} is not positive", "pass n_trials >= 1"))
+        if self.timeout is not None and self.timeout <= 0:
+            found.append((f"timeout={self.timeout} is not positive", "pass seconds > 0"))
+        if self.trial_timeout <= 0:
+            found.append(
+                (f"trial_timeout={self.trial_timeout} is not positive", "pass seconds > 0")
+            )
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            found.append(
+                (
+                    f"memory_limit_gb={self.memory_limit_gb} is not positive",
+                    "pass a limit in GiB > 0, or None for 80% of this machine's memory",
+                )
+            )
+        if self.isolation not in ISOLATION_MODES:
+            found.append(
+                (
+                    f"isolation={self.isolation!r} is not known",
+                    "use 'process' (worker processes) or 'none' (in this process)",
+                )
+            )
+        if self.search not in SEARCH_STRATEGIES:
+            found.append(
+                (
+                    f"search={self.search!r} is not known",
+                    "use 'tpe' (a budgeted sample) or 'exhaustive' (every point of the space)",
+                )
+            )
+        if self.backends is not None and (isinstance(self.backends, str) or not self.backends):
+            found.append(
+                (
+                    f"backends must be a non-empty list of names, got {self.backends!r}",
+                    "pass e.g. backends=['eager', 'torchscript'] ('autocpu probe' lists them)",
+                )
+            )
+        return found
+
+    @property
+    def budget(self) -> tuple[int | None, float | None]:
+        """``(n_trials, timeout)``: as given, or the defaults when a sampled search got none
+        (an exhaustive one then runs until the space is measured)."""
+        if self.n_trials is None and self.timeout is None and self.search != "exhaustive":
+            return DEFAULT_TRIALS, DEFAULT_TIMEOUT_S
+        return self.n_trials, self.timeout
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per option with CLI metadata, its default taken from the field."""
+    for option in fields(TuneOptions):
+        if "cli" not in option.metadata:
+            continue
+        spec = dict(option.metadata["cli"])
+        flag = spec.pop("flag", "--" + option.name.replace("_", "-"))
+        if spec.get("action") is None:
+            spec["default"] = option.default
+        parser.add_argument(flag, dest=option.name, **spec)
+
+
+def from_cli(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The ``tune()`` keywords the parsed flags give."""
+    return {
+        f.name: getattr(args, f.name) for f in fields(TuneOptions) if "cli" in f.metadata
+    } | extra

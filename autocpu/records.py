@@ -1,0 +1,112 @@
+"""Typed records of a tune, shared by the search, the finals, plans and both reports.
+
+They sit low in the house (no torch, no Optuna) so every layer above can import them. Each
+serialises to the JSON a plan file holds and reads it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from autocpu.measure import LatencyStats
+
+#: Trial outcomes: measured, failed the accuracy gate, crashed, or could not run here at all.
+OK, INACCURATE, FAILED, INELIGIBLE, PENDING = "ok", "inaccurate", "failed", "ineligible", "pending"
+#: The ``reason`` that marks the baseline among a plan's trials.
+BASELINE = "baseline"
+
+
+@dataclass
+class AccuracyReport:
+    """Worst-case numbers over every output tensor and batch, and what failed."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    min_cosine: float = 1.0
+    min_argmax: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccuracyReport:
+        return cls(**_known(cls, data))
+
+    def merge(self, other: AccuracyReport) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        self.min_cosine = min(self.min_cosine, other.min_cosine)
+        if other.min_argmax is not None:
+            self.min_argmax = min(
+                self.min_argmax if self.min_argmax is not None else 1.0, other.min_argmax
+            )
+        self.failures.extend(other.failures)
+
+
+@dataclass
+class TrialRecord:
+    """One candidate's outcome, as ``explain()`` and the HTML report show it."""
+
+    backend: str
+    params: dict[str, Any]
+    status: str = PENDING
+    number: int | None = None
+    latency: LatencyStats | None = None
+    accuracy: AccuracyReport | None = None
+    build_s: float | None = None
+    first_call_s: float | None = None
+    reason: str = ""
+    #: Measured interleaved against the baseline in the finals; None for the others.
+    speedup: float | None = None
+    worker: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return self.latency.median_ms if self.latency else float("inf")
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two trials the same candidate: the backend and its settings."""
+        return (self.backend, tuple(sorted(self.params.items())))
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.reason == BASELINE
+
+    @property
+    def one_time_s(self) -> float | None:
+        """Build plus first call, paid once per process; None when it never built."""
+        if self.build_s is None:
+            return None
+        return self.build_s + (self.first_call_s or 0.0)
+
+    def fail(self, status: str, reason: str) -> TrialRecord:
+        self.status, self.reason = status, reason
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["accuracy"] = self.accuracy.to_dict() if self.accuracy else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
+        values = _known(cls, data)
+        if values.get("latency") is not None:
+            values["latency"] = LatencyStats(**_known(LatencyStats, values["latency"]))
+        if values.get("accuracy") is not None:
+            values["accuracy"] = AccuracyReport.from_dict(values["accuracy"])
+        return cls(**values)
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

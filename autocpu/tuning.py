@@ -1,0 +1,212 @@
+"""One tuning run, in three stages: reuse a plan (the user cache, then the shipped database,
+each checked by its canary), else search, then write the plan.
+
+:class:`Tuning` holds what every stage needs (the model spec, the workload, the machine, the
+cache, the plan key and the options); the example inputs enter it once, as the workload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocpu import sharing
+from autocpu.accuracy import Tolerance
+from autocpu.backends import Backend, BuildContext, all_backends, get_backend
+from autocpu.canary import save_canary, why_stale
+from autocpu.errors import AutocpuWarning, one_line
+from autocpu.finals import SearchResult, conclude
+from autocpu.hardware import probe
+from autocpu.inputs import normalize_inputs
+from autocpu.isolation import choose_executor
+from autocpu.measure import busy_percent
+from autocpu.models import ModelSpec, make_spec
+from autocpu.options import TuneOptions
+from autocpu.plans import Plan, PlanCache, current_versions, plan_key
+from autocpu.records import INELIGIBLE, TrialRecord
+from autocpu.search import Budget, Search
+from autocpu.storage import study_for
+from autocpu.trials import TrialRunner
+from autocpu.tuned import TunedModel, build_tuned, wrap
+from autocpu.workloads import ForwardPass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchCosts:
+    """How the search ran, as the plan records it."""
+
+    seconds: float
+    cpu_busy_percent: float
+    measured_in: str
+    study_trials: int
+
+
+class Tuning:
+    """A tune of one model on one machine: :meth:`run` returns the drop-in model."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs: Any, options: TuneOptions) -> None:
+        self.options = options
+        self.backends = _selected(options.backends)
+        self.spec = make_spec(model, options.task)
+        self.workload = ForwardPass(normalize_inputs(example_inputs))
+        self.hw = probe()
+        self.cache = PlanCache(Path(options.cache_dir) if options.cache_dir else None)
+        self.key = plan_key(
+            self.spec.fingerprint,
+            self.workload.signature(),
+            self.hw.fingerprint(),
+            options.tolerance.to_dict(),
+            options.backends,
+            options.search,
+        )
+
+    def run(self) -> TunedModel:
+        return (self.options.cache and self.reuse()) or self.search()
+
+    # Stage 1: reuse ------------------------------------------------------------------------
+
+    def reuse(self) -> TunedModel | None:
+        """The user cache's plan for this key, else the shipped database's, if it holds here."""
+        cached = self._checked_plan("cache")
+        if cached is not None:
+            return cached
+        shipped = sharing.shipped_plan(self.key)
+        if shipped is None:
+            return None
+        sharing.install(self.cache, shipped)
+        return self._checked_plan("tuning_db")
+
+    def _checked_plan(self, source: str) -> TunedModel | None:
+        """The cached plan's model, if the plan exists, fits here, rebuilds and passes its
+        canary (made from the fp32 model first if the plan came without one)."""
+        plan = self.cache.load(self.key)
+        if plan is None:
+            return None
+        reason = plan.why_unusable(self.hw.fingerprint())
+        if reason is None:
+            try:
+                tuned = build_tuned(self.spec, plan, self.workload, self.cache, source=source)
+            except Exception as error:  # a plan that no longer builds is re-tuned, not fatal
+                reason = f"it failed to rebuild ({one_line(error)})"
+            else:
+                canary = self.cache.canary_path(self.key)
+                tolerance = Tolerance(**plan.tolerance)
+                reason = why_stale(canary, tuned, tolerance, self.workload, self.spec.model)
+        if reason is not None:
+            warnings.warn(
+                f"cached plan {self.key[:12]} not used: {reason}; re-tuning",
+                AutocpuWarning,
+                stacklevel=5,
+            )
+            return None
+        return tuned
+
+    # Stage 2: search -----------------------------------------------------------------------
+
+    def search(self) -> TunedModel:
+        started = time.perf_counter()
+        tolerance = self.options.tolerance
+        references = self.workload.references(self.spec.model)
+        busy = busy_percent()
+        eligible, skipped = _eligibility(self.backends, self.spec, self.hw)
+        artifacts = self.cache.artifacts_dir(self.spec.fingerprint_id)
+        ctx = BuildContext(self.hw, self.workload.batches, artifacts)
+        trial_runner = TrialRunner(self.spec, self.workload, references, tolerance, ctx)
+        executor = choose_executor(trial_runner, self.options)
+        versions = current_versions(sorted({p for b in all_backends() for p in b.requires}))
+        search = Search(
+            executor,
+            study_for(self.options, self.key, versions, self.hw.fingerprint(), self.cache.root),
+            self.spec,
+            eligible,
+            self.hw,
+            Budget(*self.options.budget),
+            lossy=tolerance.admits_lossy,
+            seeds=sharing.seeds(self.spec.fingerprint, self.hw.family_key()),
+            progress=self.options.progress,
+        )
+        baseline, records = search.run(_baseline_record(self.spec))
+        result = conclude(executor, baseline, records)
+        costs = SearchCosts(time.perf_counter() - started, busy, executor.mode, search.measured)
+        plan = self.plan(result, skipped, versions, costs)
+        runner, _ = trial_runner.runner(get_backend(plan.backend), plan.params)
+        return wrap(self.spec.model, runner, plan, source="search")
+
+    # Stage 3: plan -------------------------------------------------------------------------
+
+    def plan(
+        self,
+        result: SearchResult,
+        skipped: list[TrialRecord],
+        versions: dict[str, str],
+        costs: SearchCosts,
+    ) -> Plan:
+        """The plan of ``result``, written to the cache with its canary unless caching is off."""
+        winner = result.winner
+        plan = Plan(
+            key=self.key,
+            backend=winner.backend,
+            params=winner.params,
+            task=self.spec.task,
+            model=self.spec.fingerprint,
+            inputs=self.workload.signature(),
+            machine={**self.hw.to_dict(), "fingerprint": self.hw.fingerprint()},
+            tolerance=self.options.tolerance.to_dict(),
+            versions=versions,
+            backends=self.options.backends,
+            workload=self.workload.name,
+            baseline=result.baseline,
+            winner=result.winner_stats,
+            speedup=result.speedup,
+            speedup_iqr=list(result.speedup_iqr),
+            accuracy=winner.accuracy,
+            one_time_costs={
+                "build_s": winner.build_s or 0.0,
+                "first_call_s": winner.first_call_s or 0.0,
+            },
+            decision=result.decision,
+            trials=[*result.records, *skipped],
+            tune_seconds=costs.seconds,
+            study_trials=costs.study_trials,
+            search=self.options.search,
+            cpu_busy_percent=costs.cpu_busy_percent,
+            measured_in=costs.measured_in,
+        )
+        if self.options.cache:
+            save_canary(self.cache.canary_path(self.key), self.workload, self.spec.model)
+            self.cache.save(plan)
+        return plan
+
+
+def _selected(names: list[str] | None) -> list[Backend]:
+    return [get_backend(name) for name in names] if names else all_backends()
+
+
+def _eligibility(
+    backends: list[Backend], spec: ModelSpec, hw: Any
+) -> tuple[list[Backend], list[TrialRecord]]:
+    """The backends that can run this model here, and a record for each that cannot."""
+    eligible, skipped = [], []
+    for backend in backends:
+        available = backend.availability(spec, hw)
+        if available.ok:
+            eligible.append(backend)
+        else:
+            reason = available.reason + (f" (fix: {available.fix})" if available.fix else "")
+            skipped.append(TrialRecord(backend.name, {}, status=INELIGIBLE, reason=reason))
+    return eligible, skipped
+
+
+def _baseline_record(spec: ModelSpec) -> TrialRecord:
+    """The user's model exactly as given (fp32, its attention, torch's default threads)."""
+    from autocpu.backends.eager import current_attention
+
+    return TrialRecord("eager", {"attention": current_attention(spec.model), "precision": "fp32"})
