@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from autocpu.accuracy import AccuracyReport, Tolerance
+from autocpu.errors import one_line
 from autocpu.outputs import named_tensors
 from autocpu.plans import atomic_write
 from autocpu.workloads import ForwardPass, Workload
@@ -45,7 +46,7 @@ def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) ->
     except FileNotFoundError:
         return AccuracyReport(failures=[NO_CANARY])
     except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as error:
-        return AccuracyReport(failures=[f"canary unreadable ({type(error).__name__})"])
+        return AccuracyReport(failures=[f"canary unreadable ({one_line(error, 80)})"])
     with torch.inference_mode():
         outputs = probe.run(model)
     return probe.compare([reference], outputs, tolerance)

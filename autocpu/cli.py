@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 from autocpu.errors import AutocpuError
@@ -339,9 +340,26 @@ def _version() -> str:
     return f"autocpu {__version__}"
 
 
+def _print_warnings() -> None:
+    """autocpu's warnings (a plan not reused, a corrupt file moved aside) as one line each on
+    stderr; other libraries' warnings as Python shows them."""
+    from autocpu.errors import AutocpuWarning
+
+    show = warnings.showwarning
+
+    def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, AutocpuWarning):
+            print(f"autocpu: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = one_line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _print_warnings()
     try:
         return int(args.func(args) or 0)
     except AutocpuError as error:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from autocpu import tasks
-from autocpu.errors import AutocpuError
+from autocpu.errors import AutocpuError, one_line
 from autocpu.hashing import stable_hash
 from autocpu.tasks import task_for_class_name
 
@@ -136,8 +136,14 @@ def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module
             f"no model directory at {directory} (config.json missing)",
             "pass a folder written by save_pretrained() or downloaded from the Hub",
         )
-    if task is None:
-        config = json.loads((directory / "config.json").read_text())
-        task = _first_task(config.get("architectures") or [])
-    auto_class = getattr(transformers, tasks.auto_class_name(task))
-    return auto_class.from_pretrained(directory).eval()
+    auto_name = tasks.auto_class_name(task) if task else None
+    try:
+        if auto_name is None:
+            config = json.loads((directory / "config.json").read_text())
+            auto_name = tasks.auto_class_name(_first_task(config.get("architectures") or []))
+        return getattr(transformers, auto_name).from_pretrained(directory).eval()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AutocpuError(
+            f"cannot load the model in {directory} ({one_line(error, 160)})",
+            "pass a folder save_pretrained() wrote: a valid config.json and its weights",
+        ) from None

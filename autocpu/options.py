@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocpu.errors import AutocpuError
+from autocpu.tasks import task_names
 
 if TYPE_CHECKING:
     from autocpu.accuracy import Tolerance
@@ -26,6 +28,23 @@ DEFAULT_TRIAL_TIMEOUT_S = 900.0
 SEARCH_STRATEGIES = ("tpe", "exhaustive")
 #: Where trials run: a fresh worker process each (protected), or the caller's process (faster).
 ISOLATION_MODES = ("process", "none")
+
+
+_FIXES = {
+    "timeout": "pass the study's time budget in seconds > 0",
+    "trial_timeout": "pass seconds > 0 per trial",
+    "memory_limit_gb": "pass a limit in GiB > 0, or None for 80% of this machine's memory",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive(value: Any) -> bool:
+    """A finite number above 0 (not a bool, not a numeric string, not NaN)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_number and math.isfinite(value) and value > 0
 
 
 def _comma_list(text: str) -> list[str]:
@@ -116,21 +135,12 @@ class TuneOptions:
 
     def _problems(self) -> list[tuple[str, str]]:
         found = []
-        if self.n_trials is not None and self.n_trials < 1:
-            found.append((f"n_trials={self.n_trials} is not positive", "pass n_trials >= 1"))
-        if self.timeout is not None and self.timeout <= 0:
-            found.append((f"timeout={self.timeout} is not positive", "pass seconds > 0"))
-        if self.trial_timeout <= 0:
-            found.append(
-                (f"trial_timeout={self.trial_timeout} is not positive", "pass seconds > 0")
-            )
-        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
-            found.append(
-                (
-                    f"memory_limit_gb={self.memory_limit_gb} is not positive",
-                    "pass a limit in GiB > 0, or None for 80% of this machine's memory",
-                )
-            )
+        if self.n_trials is not None and not (_is_int(self.n_trials) and self.n_trials >= 1):
+            found.append((f"n_trials={self.n_trials!r} is not a whole number >= 1", "pass e.g. 20"))
+        for name in ("timeout", "trial_timeout", "memory_limit_gb"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive(value):
+                found.append((f"{name}={value!r} is not a positive number", _FIXES[name]))
         if self.isolation not in ISOLATION_MODES:
             found.append(
                 (
@@ -145,7 +155,13 @@ class TuneOptions:
                     "use 'tpe' (a budgeted sample) or 'exhaustive' (every point of the space)",
                 )
             )
-        if self.backends is not None and (isinstance(self.backends, str) or not self.backends):
+        if self.task is not None and self.task not in task_names():
+            found.append((f"unknown task {self.task!r}", f"use one of: {', '.join(task_names())}"))
+        if self.backends is not None and (
+            isinstance(self.backends, str)
+            or not isinstance(self.backends, (list, tuple))
+            or not self.backends
+        ):
             found.append(
                 (
                     f"backends must be a non-empty list of names, got {self.backends!r}",

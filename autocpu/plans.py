@@ -13,30 +13,39 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 from filelock import FileLock
 
-from autocpu.errors import AutocpuError, one_line
+from autocpu.errors import AutocpuError, AutocpuWarning, one_line
 from autocpu.hashing import stable_hash
 from autocpu.measure import LatencyStats
-from autocpu.records import AccuracyReport, TrialRecord
+from autocpu.records import AccuracyReport, TrialRecord, checked_fields
 
 log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1
+#: A plan key as plan_key() makes it. Keys arrive from bundles, the shipped database and users,
+#: and become file names: nothing else may, so no key reaches outside the cache.
+KEY_PATTERN = re.compile(r"[0-9a-f]{20}")
+KEY_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,20}")
+#: Overrides where the cache lives.
+CACHE_DIR_ENV = "AUTOCPU_CACHE_DIR"
 CORE_PACKAGES = ("autocpu", "torch", "transformers")
 
 
 def cache_root() -> Path:
     """``AUTOCPU_CACHE_DIR`` if set, else the platform's user cache folder."""
-    override = os.environ.get("AUTOCPU_CACHE_DIR")
+    override = os.environ.get(CACHE_DIR_ENV)
     return Path(override) if override else Path(platformdirs.user_cache_dir("autocpu"))
 
 
@@ -108,6 +117,9 @@ class Plan:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: int = PLAN_FORMAT
 
+    def __post_init__(self) -> None:
+        check_key(self.key)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["accuracy"] = self.accuracy.to_dict() if self.accuracy else {}
@@ -121,25 +133,14 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if not isinstance(data, dict):
-            raise ValueError(f"plan is a JSON {type(data).__name__}, not an object")
-        known = {f.name for f in fields(cls)}
-        missing = {
-            f.name
-            for f in fields(cls)
-            if f.name not in data and f.default is MISSING and f.default_factory is MISSING
-        }
-        if missing:
-            raise ValueError(f"plan lacks {sorted(missing)}")
-        values = {k: v for k, v in data.items() if k in known}
+        """A plan from its JSON; a ValueError names the first field missing or of a wrong type
+        (a file another version, a crash or a hand wrote, or a hostile bundle)."""
+        values = checked_fields(cls, data)
         for name in ("baseline", "winner"):
-            if values.get(name):
-                values[name] = LatencyStats(**values[name])
-            else:
-                values[name] = None
-        values["accuracy"] = (
-            AccuracyReport.from_dict(data["accuracy"]) if data.get("accuracy") else None
-        )
+            stats = values.get(name)
+            values[name] = LatencyStats(**checked_fields(LatencyStats, stats)) if stats else None
+        accuracy = values.get("accuracy")
+        values["accuracy"] = AccuracyReport.from_dict(accuracy) if accuracy else None
         values["trials"] = [TrialRecord.from_dict(t) for t in values.get("trials", [])]
         return cls(**values)
 
@@ -182,6 +183,13 @@ class Plan:
         )
 
 
+def check_key(key: Any) -> str:
+    """``key`` if it is a plan key (20 hex digits), else a ValueError saying what it is."""
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"{key!r:.60} is not a plan key (20 hex digits)")
+    return key
+
+
 def current_versions(extra_packages: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     versions = package_versions([*CORE_PACKAGES, *extra_packages])
     versions["python"] = platform.python_version()
@@ -207,11 +215,16 @@ class PlanCache:
         return self.root / "artifacts" / model_id
 
     def path(self, key: str) -> Path:
-        return self.plans_dir / f"{key}.json"
+        """``plans/<key>.json``; a ValueError for anything but a plan key, or a path that
+        resolves outside the cache (a planted symlink)."""
+        path = self.plans_dir / f"{check_key(key)}.json"
+        if not path.resolve().is_relative_to(self.plans_dir.resolve()):
+            raise ValueError(f"{path} resolves outside {self.plans_dir}")
+        return path
 
     def canary_path(self, key: str) -> Path:
         """The plan's probe input and reference outputs (see autocpu.canary)."""
-        return self.plans_dir / f"{key}.canary.pt"
+        return self.path(key).with_suffix(".canary.pt")
 
     def _lock(self, path: Path) -> FileLock:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +232,7 @@ class PlanCache:
 
     def save(self, plan: Plan) -> Path:
         path = self.path(plan.key)
-        with self._lock(path):
+        with writing(self.root), self._lock(path):
             atomic_write(path, plan.to_json())
         return path
 
@@ -230,13 +243,15 @@ class PlanCache:
         return self.read(path)
 
     def read(self, path: Path) -> Plan | None:
-        """Read one plan file; a corrupt one is moved aside and reported, never deleted."""
-        with self._lock(path):
-            try:
-                return Plan.from_dict(json.loads(path.read_text()))
-            except (ValueError, TypeError, UnicodeDecodeError) as error:
-                move_aside(path, self.root, "plan", error)
-                return None
+        """Read one plan file; a corrupt one is moved aside and reported, never deleted.
+
+        Reading takes no lock (plans are replaced atomically, so a reader never sees half a
+        file), which keeps a read-only cache readable."""
+        try:
+            return Plan.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            move_aside(path, self.root, "plan", error)
+            return None
 
     def all(self) -> list[Plan]:
         if not self.plans_dir.exists():
@@ -246,9 +261,12 @@ class PlanCache:
 
     def find(self, key_prefix: str) -> Plan:
         """The plan whose key starts with ``key_prefix`` (as ``plans list`` shows it)."""
-        matches = (
-            [p for p in sorted(self.plans_dir.glob(f"{key_prefix}*.json"))] if key_prefix else []
-        )
+        if not KEY_PREFIX_PATTERN.fullmatch(key_prefix):
+            raise AutocpuError(
+                f"{key_prefix!r:.60} is not a plan key or key prefix (hex digits)",
+                "run 'autocpu plans list' and pass a key it shows",
+            )
+        matches = sorted(self.plans_dir.glob(f"{key_prefix}*.json"))
         if len(matches) != 1:
             problem = "no plan" if not matches else f"{len(matches)} plans"
             raise AutocpuError(
@@ -265,10 +283,32 @@ class PlanCache:
 
     def remove(self, key: str) -> Path:
         path = self.path(key)
-        with self._lock(path):
+        with writing(self.root), self._lock(path):
             path.unlink()
             self.canary_path(key).unlink(missing_ok=True)
         return path
+
+
+@contextlib.contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Report a failed write under ``folder`` (read-only, full disk) as one line with the fix."""
+    try:
+        yield
+    except OSError as error:
+        raise AutocpuError(
+            f"cannot write to the autocpu cache {folder} ({one_line(error, 120)})",
+            f"free space there, or set {CACHE_DIR_ENV} (or cache_dir=) to a writable folder",
+        ) from None
+
+
+def ensure_writable(folder: Path) -> None:
+    """Fail now, in one line, if files cannot be written under ``folder``: a tune writes its
+    exports, study and plan there, and a write failing mid-search would lose its trials."""
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{secrets.token_hex(4)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -293,12 +333,22 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
-def move_aside(path: Path, cache_root: Path, what: str, error: BaseException) -> Path:
-    """Move a corrupt cache file to ``<cache>/corrupt/`` (never delete it) and log one line."""
-    target = cache_root / "corrupt" / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
-    log.warning("corrupt %s %s (%s): moved to %s", what, path.name, one_line(error, 120), target)
+def move_aside(path: Path, cache_root: Path, what: str, error: BaseException) -> Path | None:
+    """Move a corrupt cache file to ``<cache>/corrupt/`` (never delete it) and say so in one
+    warning the user sees. Where the cache is read-only the file stays, and the warning says
+    that instead. Returns where the file went."""
+    target: Path | None = cache_root / "corrupt" / f"{path.stem}.{time.time_ns()}{path.suffix}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        where = f"moved to {target}"
+    except FileNotFoundError:  # another process moved it first
+        return None
+    except OSError as problem:
+        target, where = None, f"left in place ({one_line(problem, 80)})"
+    message = f"corrupt {what} {path} ({one_line(error, 120)}): {where}"
+    log.warning(message)
+    warnings.warn(message, AutocpuWarning, stacklevel=2)
     return target
 
 

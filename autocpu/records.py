@@ -6,8 +6,10 @@ serialises to the JSON a plan file holds and reads it back.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from autocpu.measure import LatencyStats
@@ -37,7 +39,7 @@ class AccuracyReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccuracyReport:
-        return cls(**_known(cls, data))
+        return cls(**checked_fields(cls, data))
 
     def merge(self, other: AccuracyReport) -> None:
         self.max_abs = max(self.max_abs, other.max_abs)
@@ -98,15 +100,52 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
-        values = _known(cls, data)
+        values = checked_fields(cls, data)
         if values.get("latency") is not None:
-            values["latency"] = LatencyStats(**_known(LatencyStats, values["latency"]))
+            values["latency"] = LatencyStats(**checked_fields(LatencyStats, values["latency"]))
         if values.get("accuracy") is not None:
             values["accuracy"] = AccuracyReport.from_dict(values["accuracy"])
         return cls(**values)
 
 
-def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``data`` that are fields of the dataclass ``cls``."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+def checked_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls``: every required field
+    present, each of the JSON type its annotation implies (a ValueError names the first that
+    is not). Unknown entries are left out, so files of newer versions still read."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a {cls.__name__} is a JSON {type(data).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    values = {k: v for k, v in data.items() if k in hints}
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in values and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ValueError(f"{cls.__name__} lacks {missing}")
+    for name, value in values.items():
+        if not json_type_fits(value, hints[name]):
+            raise ValueError(f"{cls.__name__}.{name} is {value!r:.40}, not {hints[name]}")
+    return values
+
+
+def json_type_fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON can be a field annotated ``hint``: the container kind for
+    generics, an object for nested records, a finite or infinite number (never a bool) for
+    ``float`` and ``int``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(json_type_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    if is_dataclass(hint):
+        return isinstance(value, Mapping)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)

@@ -8,6 +8,7 @@ is reused, never repeated. The finals (:mod:`autocpu.finals`) decide among what 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -33,10 +34,15 @@ GIVE_UP_FACTOR = 1.5
 FRESH_POINT_DRAWS = 200
 #: The objective of a candidate that failed or missed the tolerance: recorded, never chosen.
 INFEASIBLE_MS = 1e12
+#: The trial attribute naming the candidate a running trial is measuring.
+CLAIM = "claim"
 
 
-def make_sampler(strategy: str, seed: int = 0) -> optuna.samplers.BaseSampler:
-    """Optuna's TPE within a budget, or every point of the space (``"exhaustive"``)."""
+def make_sampler(strategy: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """Optuna's TPE within a budget, or every point of the space (``"exhaustive"``).
+
+    Without a ``seed`` each process draws its own: processes sharing a study must not propose
+    the same points in the same order."""
     if strategy == "exhaustive":
         with warnings.catch_warnings():  # experimental since Optuna 3.1, stable in use
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -96,12 +102,17 @@ class StudyState:
     #: killed mid-run (no record; their point is queued again), excluded.
     measured: int = 0
     failures: int = 0
+    #: Candidates running trials are measuring now, each with the first trial that claimed it.
+    claims: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyState:
         state = cls()
         done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         for trial in study.get_trials(deepcopy=False):
+            claim = trial.user_attrs.get(CLAIM)
+            if claim and trial.state == optuna.trial.TrialState.RUNNING:
+                state.claims[claim] = min(state.claims.get(claim, trial.number), trial.number)
             data = trial.user_attrs.get("record")
             if not data or "repeat_of" in trial.user_attrs:
                 continue
@@ -129,6 +140,11 @@ def first_candidates(
     recipes = [(b.name, p) for b in backends if lossy for p in b.lossy_defaults(spec, hw)]
     defaults = [(b.name, b.defaults(hw)) for b in backends]
     return [*seeds, *recipes, *defaults]
+
+
+def claim_of(record: TrialRecord) -> str:
+    """The candidate as a string a study can store: the same for the same backend and settings."""
+    return json.dumps(record.identity, default=str)
 
 
 @dataclass(frozen=True)
@@ -219,12 +235,12 @@ class Search:
         return TrialRecord(name, params, number=trial.number)
 
     def _enqueue_unmeasured(self, state: StudyState, seed: int) -> bool:
-        """Queue a random point of the space that no trial has measured; False if none turns up
-        in FRESH_POINT_DRAWS draws, i.e. the space is exhausted."""
+        """Queue a random point of the space that no trial has measured or claimed; False if
+        none turns up in FRESH_POINT_DRAWS draws, i.e. the space is exhausted."""
         draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         for _ in range(FRESH_POINT_DRAWS):
             record = self._propose(draws.ask())
-            if record.identity not in state.records:
+            if record.identity not in state.records and claim_of(record) not in state.claims:
                 self._enqueue(record.backend, record.params)
                 return True
         return False
@@ -232,12 +248,21 @@ class Search:
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
         record = self._propose(trial)
+        claim = claim_of(record)
+        trial.set_user_attr(CLAIM, claim)  # before the read: of two claims, both see both
         state = StudyState.read(self.study)
+        self.measured = state.measured
+        if self._budget_spent():  # other processes sharing the study spent it meanwhile
+            self.study.stop()
+            raise optuna.TrialPruned("the trial budget is spent")
         seen = state.records.get(record.identity)
+        if seen is None and state.claims.get(claim, trial.number) < trial.number:
+            if not self._enqueue_unmeasured(state, seed=trial.number):
+                self.study.stop()  # what is left, other processes are measuring
+            raise optuna.TrialPruned(f"another process is measuring {claim}")
         if seen is not None:
             trial.set_user_attr("repeat_of", seen.number)
             record = seen
-            self.measured = state.measured
             if not self._enqueue_unmeasured(state, seed=trial.number):
                 log.info("every point of the search space has been measured")
                 self.study.stop()

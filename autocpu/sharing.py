@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autocpu.errors import AutocpuError
-from autocpu.plans import Plan, PlanCache, atomic_write
+from autocpu.errors import AutocpuError, AutocpuWarning, one_line
+from autocpu.plans import Plan, PlanCache, atomic_write, writing
 
 BUNDLE_FORMAT = 1
 #: Overrides where the tuning database is read from.
@@ -64,7 +65,7 @@ def read_bundle(path: Path) -> list[SharedPlan]:
         ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise AutocpuError(
-            f"cannot read plan bundle {path} ({type(error).__name__}: {str(error)[:120]})",
+            f"cannot read plan bundle {path} ({one_line(error, 120)})",
             "pass a file written by 'autocpu plans export'",
         ) from None
 
@@ -72,7 +73,8 @@ def read_bundle(path: Path) -> list[SharedPlan]:
 def install(cache: PlanCache, shared: SharedPlan) -> None:
     """Put a shared plan (and its canary) into the cache, as if tuned here."""
     if shared.canary is not None:
-        atomic_write(cache.canary_path(shared.plan.key), shared.canary)
+        with writing(cache.root):
+            atomic_write(cache.canary_path(shared.plan.key), shared.canary)
     cache.save(shared.plan)
 
 
@@ -90,10 +92,23 @@ def tuning_db_dir() -> Path:
 
 
 def tuning_db() -> list[SharedPlan]:
+    """Every shipped plan; a bundle that cannot be read is skipped with a warning, so one bad
+    file never blocks a tune."""
     folder = tuning_db_dir()
     if not folder.is_dir():
         return []
-    return [entry for path in sorted(folder.glob("*.json")) for entry in read_bundle(path)]
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            found += read_bundle(path)
+        except AutocpuError as error:
+            warnings.warn(
+                f"shipped plans skipped: {error.problem} -- fix or remove the file, or point "
+                f"{TUNING_DB_ENV} at another folder",
+                AutocpuWarning,
+                stacklevel=2,
+            )
+    return found
 
 
 def shipped_plan(key: str) -> SharedPlan | None:

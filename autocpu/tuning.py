@@ -28,7 +28,7 @@ from autocpu.isolation import choose_executor
 from autocpu.measure import busy_percent
 from autocpu.models import ModelSpec, make_spec
 from autocpu.options import TuneOptions
-from autocpu.plans import Plan, PlanCache, current_versions, plan_key
+from autocpu.plans import Plan, PlanCache, current_versions, ensure_writable, plan_key
 from autocpu.records import INELIGIBLE, TrialRecord
 from autocpu.search import Budget, Search
 from autocpu.storage import study_for
@@ -113,6 +113,7 @@ class Tuning:
 
     def search(self) -> TunedModel:
         started = time.perf_counter()
+        ensure_writable(self.cache.root)
         tolerance = self.options.tolerance
         references = self.workload.references(self.spec.model)
         busy = busy_percent()

@@ -29,7 +29,7 @@ from autocpu.backends import all_backends
 from autocpu.backends.base import Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
 from autocpu.inputs import synthesize_inputs
-from autocpu.measure import interleaved
+from autocpu.measure import busy_percent, interleaved
 from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
@@ -209,7 +209,7 @@ def run_one(
         "baseline_process_peak_rss_mb": baseline_rss["process_peak_rss_mb"],
         "columns": rows,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cpu_busy_percent_before": autocpu.api.busy_percent(),
+        "cpu_busy_percent_before": busy_percent(),
     } | ({"plans_tuned": tuned_before} if tuned_before else {})
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+#: This folder: worker processes need it on PYTHONPATH to import test-only backends.
+TESTS = Path(__file__).resolve().parent
 
 VOCAB = 100
 #: GPT-2's TorchScript trace bakes in the sequence length with transformers' masking_utils; the
@@ -96,3 +100,18 @@ def model_dir(tmp_path: Path) -> Path:
     tiny_model("bert", "AutoModelForSequenceClassification").save_pretrained(directory)
     write_tokenizer(directory)
     return directory
+
+
+@pytest.fixture
+def use_test_backends(monkeypatch):
+    """Registers test-only backends for this process and every process it starts."""
+    import autocpu.backends as registry
+
+    def use(entries: str) -> None:
+        monkeypatch.setenv("AUTOCPU_EXTRA_BACKENDS", entries)
+        path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+        monkeypatch.setenv("PYTHONPATH", path)
+        registry._discover.cache_clear()
+
+    yield use
+    registry._discover.cache_clear()

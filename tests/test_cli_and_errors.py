@@ -106,6 +106,19 @@ def test_cli_errors_are_one_line_without_traceback(args, needle, model_dir, cach
     assert "Traceback" not in result.stderr
 
 
+def test_cli_tune_flags_and_defaults_are_tune_options():
+    from autocpu.cli import build_parser
+    from autocpu.options import TuneOptions, from_cli
+
+    bare = build_parser().parse_args(["tune", "some-dir"])
+    assert TuneOptions(**from_cli(bare)) == TuneOptions()
+    flags = ["--trials", "5", "--backends", "eager, torchscript", "--no-cache"]
+    flags += ["--trial-timeout", "3", "--tolerance", "bf16", "--search", "exhaustive"]
+    given = TuneOptions(**from_cli(build_parser().parse_args(["tune", "some-dir", *flags])))
+    assert (given.n_trials, given.backends, given.cache) == (5, ["eager", "torchscript"], False)
+    assert (given.trial_timeout, given.tolerance.name, given.search) == (3.0, "bf16", "exhaustive")
+
+
 def test_api_bad_inputs_are_clear_errors():
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     cases = [
@@ -123,6 +136,9 @@ def test_api_bad_inputs_are_clear_errors():
         (lambda: autocpu.tune(model, inputs, n_trials=0), "n_trials"),
         (lambda: autocpu.tune(model, inputs, isolation="thread"), "isolation="),
         (lambda: autocpu.tune(model, inputs, trial_timeout=0), "trial_timeout"),
+        (lambda: autocpu.tune(model, inputs, task="painting"), "unknown task 'painting'"),
+        (lambda: autocpu.tune(model, inputs, memory_limit_gb=-1), "memory_limit_gb"),
+        (lambda: autocpu.tune(model, inputs, timeout=0), "timeout=0"),
         (lambda: autocpu.tune(model, inputs, storage="nosuch://x"), "cannot open study storage"),
         (lambda: autocpu.tune(model.to(torch.bfloat16), inputs), "not float32"),
         (lambda: autocpu.apply_plan(model, "/no/such/plan.json"), "no plan file"),

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -20,23 +19,6 @@ from misbehaving_backends import BARRIER
 
 import autocpu
 from autocpu.plans import PlanCache
-
-TESTS = str(Path(__file__).parent)
-
-
-@pytest.fixture
-def use_test_backends(monkeypatch):
-    """Registers test-only backends for this process and every process it starts."""
-    import autocpu.backends as registry
-
-    def use(entries: str) -> None:
-        monkeypatch.setenv("AUTOCPU_EXTRA_BACKENDS", entries)
-        path = os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])
-        monkeypatch.setenv("PYTHONPATH", path)
-        registry._discover.cache_clear()
-
-    yield use
-    registry._discover.cache_clear()
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ from conftest import tiny_inputs, tiny_model
 import autocpu
 from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.bench import bench
-from autocpu.canary import check_canary, probe_batch
+from autocpu.canary import check_canary
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
 from autocpu.sharing import export_bundle, import_bundle
+from autocpu.workloads import ForwardPass
 
 FAST = ["eager", "torchscript"]
 
@@ -98,7 +99,7 @@ def test_a_shipped_plan_without_its_canary_is_used_and_makes_one(tmp_path, cache
     made = fresh.canary_path(shipped.plan.key)
     assert check_canary(made, used, Tolerance.strict()).passed
     with torch.inference_mode():
-        reference = model(**probe_batch(inputs)).logits
+        reference = model(**ForwardPass([inputs]).probe().batches[0]).logits
     assert torch.equal(torch.load(made)["outputs"]["logits"], reference)
 
 
