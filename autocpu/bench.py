@@ -22,6 +22,7 @@ from autocpu.hardware import probe
 from autocpu.inputs import normalize_inputs, signature
 from autocpu.measure import Comparison, interleaved
 from autocpu.models import model_fingerprint
+from autocpu.options import BENCH_SECONDS
 from autocpu.plans import Plan, PlanCache
 from autocpu.workloads import ForwardPass
 
@@ -79,7 +80,7 @@ def bench(
     example_inputs: Any,
     plan: Plan,
     *,
-    seconds: float = 20.0,
+    seconds: float = BENCH_SECONDS,
     cache_dir: str | Path | None = None,
 ) -> BenchResult:
     workload = ForwardPass(normalize_inputs(example_inputs))

@@ -272,8 +272,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # entry point ------------------------------------------------------------------------------------
 
 
+#: The inputs the CLI makes for a model directory (from its tokenizer, else its config).
+DEFAULT_BATCH_SIZE = 1
+DEFAULT_SEQ_LEN = 128
+
+
+def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from autocpu.options import add_cli_flags
+    from autocpu.options import BENCH_SECONDS, add_cli_flags
 
     parser = argparse.ArgumentParser(
         prog="autocpu", description="Make transformers models run as fast as they can on this CPU."
@@ -287,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="search the fastest backend for a local model directory")
     tune.add_argument("model_dir", help="folder written by save_pretrained()")
-    tune.add_argument("--batch-size", type=int, default=1)
-    tune.add_argument("--seq-len", type=int, default=128)
+    _add_input_shape(tune)
     add_cli_flags(tune)
     verbosity = tune.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="no progress, only the result")
@@ -320,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", default=None, help="plan key (default: the newest for these inputs)"
     )
     bench.add_argument("--task", default=None)
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--seq-len", type=int, default=128)
-    bench.add_argument("--seconds", type=float, default=20.0, help="time for the interleaved run")
+    _add_input_shape(bench)
+    bench.add_argument(
+        "--seconds", type=float, default=BENCH_SECONDS, help="time for the interleaved run"
+    )
     bench.add_argument("--cache-dir", default=None)
     bench.set_defaults(func=cmd_bench)
 

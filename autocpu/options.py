@@ -28,6 +28,8 @@ DEFAULT_TRIAL_TIMEOUT_S = 900.0
 SEARCH_STRATEGIES = ("tpe", "exhaustive")
 #: Where trials run: a fresh worker process each (protected), or the caller's process (faster).
 ISOLATION_MODES = ("process", "none")
+#: How long ``bench()`` and ``autocpu bench`` alternate a plan and fp32 eager.
+BENCH_SECONDS = 20.0
 
 
 _FIXES = {
