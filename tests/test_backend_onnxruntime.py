@@ -27,7 +27,7 @@ from transformers import (
 
 from autocpu.backends import _optimum_common as common
 from autocpu.backends.base import BuildContext
-from autocpu.backends.onnxruntime import OnnxRuntimeBackend, session_options
+from autocpu.backends.onnxruntime import OnnxRuntimeBackend, fusion_model_type, session_options
 from autocpu.errors import AutocpuError
 from autocpu.hardware import probe
 from autocpu.models import make_spec
@@ -239,9 +239,9 @@ def test_suggest_defines_the_space(backend: OnnxRuntimeBackend, cases: dict[str,
 
 
 def test_fusion_model_types() -> None:
-    assert OnnxRuntimeBackend.fusion_model_type("bert") == "bert"
-    assert OnnxRuntimeBackend.fusion_model_type("gpt2") == "gpt2"
-    assert OnnxRuntimeBackend.fusion_model_type("opt") is None
+    assert fusion_model_type("bert") == "bert"
+    assert fusion_model_type("gpt2") == "gpt2"
+    assert fusion_model_type("opt") is None
 
 
 def test_classifier_without_pad_token(backend: OnnxRuntimeBackend, artifacts: Path) -> None:

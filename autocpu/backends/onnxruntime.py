@@ -44,6 +44,37 @@ _EXTERNAL_DATA_BYTES = 1_500_000_000
 _MODEL_FILE = "model.onnx"
 
 
+def fusion_model_type(model_type: str) -> str | None:
+    """The onnxruntime.transformers optimizer type for a HF model type, None if it has none."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+    from optimum.onnxruntime.utils import ORTConfigManager
+
+    try:
+        ort_type = ORTConfigManager.get_model_ort_type(model_type)
+    except KeyError:
+        return None
+    return ort_type if ort_type in MODEL_TYPES else None
+
+
+def _export(spec: ModelSpec, ctx: BuildContext, task: str, target: Path) -> None:
+    """optimum-onnx export from the saved model directory, with an explicit task."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        str(spec.saved_copy(ctx.artifact_dir)),
+        output=target,
+        task=task,
+        library_name="transformers",
+        local_files_only=True,
+        # autocpu compares every candidate with the torch model itself; skip the double work.
+        do_validation=False,
+        pad_token_id=common.pad_token_for_export(spec),
+        custom_onnx_configs=common.custom_export_configs(
+            "onnx", spec, task, common.extra_outputs(spec)
+        ),
+    )
+
+
 class OnnxRuntimeBackend(common.OptimumBackend):
     """ONNX Runtime (CPU execution provider) on an optimum-onnx export."""
 
@@ -69,18 +100,6 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         "transformers",
     )
 
-    @staticmethod
-    def fusion_model_type(model_type: str) -> str | None:
-        """The onnxruntime.transformers optimizer type for a HF model type, None if it has none."""
-        from onnxruntime.transformers.optimizer import MODEL_TYPES
-        from optimum.onnxruntime.utils import ORTConfigManager
-
-        try:
-            ort_type = ORTConfigManager.get_model_ort_type(model_type)
-        except KeyError:
-            return None
-        return ort_type if ort_type in MODEL_TYPES else None
-
     # Search space -----------------------------------------------------------------------------
 
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
@@ -101,14 +120,14 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         on bert-base (42-55 ms against 155-196 ms)."""
         if not hw.fast_int8:
             return []
-        fusion = self.fusion_model_type(spec.model_type) is not None
+        fusion = fusion_model_type(spec.model_type) is not None
         return [{**self.defaults(hw), "quantize": "int8", "fusion": fusion}]
 
     def suggest(
         self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
     ) -> dict[str, Any]:
         """Define-by-run: int8 only with fast int8 hardware, inter-op threads only in parallel."""
-        fusion_choices = [False, True] if self.fusion_model_type(spec.model_type) else [False]
+        fusion_choices = [False, True] if fusion_model_type(spec.model_type) else [False]
         quantize_choices = list(QUANTIZE_CHOICES) if hw.fast_int8 and lossy else ["none"]
         params: dict[str, Any] = {
             "fusion": trial.suggest_categorical(self.key("fusion"), fusion_choices),
@@ -141,59 +160,14 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         root = common.model_root(ctx, "onnx", spec, self.artifact_dists, task)
         folder = root / "fp32"
         common.ensure_variant(
-            folder, lambda tmp: self._export(spec, ctx, task, tmp), backend=self.name, task=task
+            folder, lambda tmp: _export(spec, ctx, task, tmp), backend=self.name, task=task
         )
-        if params.get("fusion", False):
-            ort_type = self.fusion_model_type(spec.model_type)
-            if ort_type is None:
-                raise AutocpuError(
-                    f"onnxruntime has no transformer fusions for {spec.model_type!r}",
-                    "search with fusion=False for this model",
-                )
-            source, folder = folder, root / "fused"
-            common.ensure_variant(
-                folder,
-                lambda tmp: _fuse(spec, ort_type, source, tmp),
-                backend=self.name,
-                fusion=True,
-            )
-        quantize = params.get("quantize", "none")
-        if quantize not in QUANTIZE_CHOICES:
-            raise AutocpuError(f"unknown quantize={quantize!r}", "use 'none' or 'int8'")
-        if quantize == "int8":
-            per_channel = bool(params.get("per_channel", False))
-            source = folder
-            folder = root / _int8_name(source.name, per_channel)
-            common.ensure_variant(
-                folder,
-                lambda tmp: _quantize(source, tmp, per_channel),
-                backend=self.name,
-                int8=True,
-            )
+        folder = _derived_variant(spec, params, root, folder)
         return common.ExportedVariant(
             folder,
             spec.task,
             with_past=task.endswith("-with-past"),
             extra_outputs=common.extra_outputs(spec),
-        )
-
-    @staticmethod
-    def _export(spec: ModelSpec, ctx: BuildContext, task: str, target: Path) -> None:
-        """optimum-onnx export from the saved model directory, with an explicit task."""
-        from optimum.exporters.onnx import main_export
-
-        main_export(
-            str(spec.saved_copy(ctx.artifact_dir)),
-            output=target,
-            task=task,
-            library_name="transformers",
-            local_files_only=True,
-            # autocpu compares every candidate with the torch model itself; skip the double work.
-            do_validation=False,
-            pad_token_id=common.pad_token_for_export(spec),
-            custom_onnx_configs=common.custom_export_configs(
-                "onnx", spec, task, common.extra_outputs(spec)
-            ),
         )
 
     # Bind: a session per runtime configuration ------------------------------------------------
@@ -213,6 +187,39 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         )
         model = common.TorchLikeModel(model, _run_session if built.extra_outputs else None)
         return Runner(model, threads=None)  # threads live in the session, not in torch
+
+
+def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, folder: Path) -> Path:
+    """The fused and/or int8 variant the build params ask for, derived from the fp32 export in
+    ``folder`` (each step made once, then kept)."""
+    if params.get("fusion", False):
+        ort_type = fusion_model_type(spec.model_type)
+        if ort_type is None:
+            raise AutocpuError(
+                f"onnxruntime has no transformer fusions for {spec.model_type!r}",
+                "search with fusion=False for this model",
+            )
+        source, folder = folder, root / "fused"
+        common.ensure_variant(
+            folder,
+            lambda tmp: _fuse(spec, ort_type, source, tmp),
+            backend=OnnxRuntimeBackend.name,
+            fusion=True,
+        )
+    quantize = params.get("quantize", "none")
+    if quantize not in QUANTIZE_CHOICES:
+        raise AutocpuError(f"unknown quantize={quantize!r}", "use 'none' or 'int8'")
+    if quantize == "int8":
+        per_channel = bool(params.get("per_channel", False))
+        source = folder
+        folder = root / _int8_name(source.name, per_channel)
+        common.ensure_variant(
+            folder,
+            lambda tmp: _quantize(source, tmp, per_channel),
+            backend=OnnxRuntimeBackend.name,
+            int8=True,
+        )
+    return folder
 
 
 def session_options(params: Mapping[str, Any]) -> onnxruntime.SessionOptions:
