@@ -5,17 +5,26 @@ Each job runs in a fresh ``python -m autocpu.isolation JOB RESULT`` process: a p
 rather than multiprocessing, so the user's ``__main__`` is never re-imported. Thread variables
 are set in its environment before torch, ONNX Runtime or OpenVINO load. The model reaches the
 worker as a saved copy; inputs and reference outputs travel pickled.
+
+A worker never outlives the tuner that started it, nor leaves its folder behind: the tuner kills
+it on any exit it survives (an error, a caught Ctrl-C), and a worker whose tuner is gone (killed
+with SIGKILL) is killed and its folder removed by :func:`guard_worker`. This module imports
+nothing heavy at its top, so that guard is in place before torch loads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,16 +34,23 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from autocpu.errors import AutocpuWarning
-from autocpu.finals import Finals
 from autocpu.records import FAILED, TrialRecord
-from autocpu.workloads import Workload
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both import torch: not before guard_worker has run
+    from autocpu.finals import Finals
     from autocpu.options import TuneOptions
     from autocpu.trials import Executor, TrialRunner
+    from autocpu.workloads import Workload
 
 #: Seconds between checks of a worker's memory and clock.
 POLL_S = 0.1
+#: Every worker's folder is named so; a worker removes only a folder of that name.
+FOLDER_PREFIX = "autocpu-worker-"
+#: A worker's environment: the tuner's pid, and the descriptor of the tuner's lifeline.
+PARENT_ENV = "AUTOCPU_WORKER_PARENT"
+LIFELINE_ENV = "AUTOCPU_WORKER_LIFELINE"
+#: prctl option: the kernel sends the signal when the thread that started this process ends.
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -77,19 +93,34 @@ class IsolatedExecutor:
 
     def _spawn(self, task: tuple, threads: int, timeout: float) -> Any:
         """Run ``task`` in a worker; its result, or a one-line reason why there is none."""
-        with tempfile.TemporaryDirectory(prefix="autocpu-worker-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX) as tmp:
             job_path, result_path, log_path = (Path(tmp) / n for n in ("job", "result", "log"))
             job_path.write_bytes(pickle.dumps((self.job, task)))
-            env = {**os.environ, **thread_env(threads)}
+            line = lifeline()
+            env = {
+                **os.environ,
+                **thread_env(threads),
+                PARENT_ENV: str(os.getpid()),
+                LIFELINE_ENV: str(line),
+            }
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "autocpu.isolation", str(job_path), str(result_path)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    # Its own process group, so that kill() and the worker's janitor reach
+                    # everything the worker started, and a terminal's Ctrl-C (SIGINT to the
+                    # foreground group) reaches only this process, which kills the worker below
+                    # whether or not the interrupt is then caught.
                     start_new_session=True,
+                    pass_fds=(line,),
                 )
-                problem = self._watch(process, timeout)
+                try:
+                    problem = self._watch(process, timeout)
+                finally:
+                    if process.poll() is None:  # interrupted or failed while watching
+                        kill(process)
             if problem is None and result_path.exists():
                 return pickle.loads(result_path.read_bytes())
             if problem is None:
@@ -182,6 +213,38 @@ def kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
+_lifeline_lock = threading.Lock()
+_lifeline: tuple[int, int] | None = None
+
+
+def lifeline() -> int:
+    """The read end of a pipe that nothing writes to and whose write end only this process
+    holds, until it ends: a worker's janitor reads end-of-file from it exactly when this process
+    has ended, however it ended. Both ends are close-on-exec, so no program this process runs
+    holds them, and a child it forks closes them (:func:`_forget_lifeline`)."""
+    global _lifeline
+    with _lifeline_lock:
+        if _lifeline is None:
+            _lifeline = os.pipe()
+        return _lifeline[0]
+
+
+def _forget_lifeline() -> None:
+    """In a forked child: close the parent's lifeline (the child makes its own when it needs
+    one), and take a fresh lock, as another thread may have held the parent's at the fork."""
+    global _lifeline, _lifeline_lock
+    _lifeline_lock = threading.Lock()
+    if _lifeline is not None:
+        for end in _lifeline:
+            with contextlib.suppress(OSError):
+                os.close(end)
+        _lifeline = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_lifeline)
+
+
 # Worker side ------------------------------------------------------------------------------------
 
 
@@ -231,7 +294,88 @@ def worker_main(job_path: str, result_path: str) -> None:
     partial.rename(result_path)
 
 
+def guard_worker(job_path: str) -> None:
+    """Make this worker end when the tuner that started it ends, and then leave no folder.
+
+    Run first, before torch loads. On Linux the kernel SIGKILLs the worker when the thread that
+    started it ends (PR_SET_PDEATHSIG); that thread waits in ``_watch`` until the worker has
+    exited, so it ends early only with the whole tuner. A tuner that died before the prctl took
+    effect shows as a changed parent pid. A janitor process, forked here before any thread
+    exists, then waits for the worker or the tuner to end: a process rather than a thread in
+    the worker, because no thread runs while a hung native call holds the GIL, and because on
+    systems without PR_SET_PDEATHSIG it is what ends an orphaned worker.
+    """
+    parent, line = os.environ.get(PARENT_ENV), os.environ.get(LIFELINE_ENV)
+    if parent is None or line is None:
+        return  # not started by IsolatedExecutor: nothing to guard
+    folder = Path(job_path).parent
+    die_with_parent()
+    if os.getppid() != int(parent):
+        remove_folder(folder)
+        os._exit(1)
+    start_janitor(folder, int(line))
+
+
+def die_with_parent() -> None:
+    """Linux only: have the kernel SIGKILL this process when its parent thread ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def start_janitor(folder: Path, tuner_line: int) -> None:
+    """Fork the janitor of this worker; the worker holds the write end of the janitor's pipe
+    until it exits (close-on-exec: programs the worker runs do not hold it)."""
+    if not hasattr(os, "fork"):
+        return
+    worker_pid = os.getpid()
+    worker_read, worker_write = os.pipe()
+    if os.fork() != 0:
+        os.close(worker_read)
+        os.close(tuner_line)  # only the janitor watches the tuner
+        return
+    os.close(worker_write)
+    try:
+        janitor(folder, tuner_line, worker_read, worker_pid)
+    finally:
+        os._exit(0)
+
+
+def janitor(folder: Path, tuner_line: int, worker_line: int, worker_pid: int) -> None:
+    """Wait until the tuner or the worker has ended (end-of-file on its pipe). Once the tuner
+    has ended, kill the worker, remove its folder, then kill its process group: whatever the
+    worker started, and this process. A worker that ended under a live tuner leaves its folder
+    to the tuner."""
+    ended, _, _ = select.select([tuner_line, worker_line], [], [])
+    if tuner_line not in ended and not tuner_ended_first(folder, tuner_line):
+        return
+    if os.getppid() == worker_pid:  # still this process's parent: alive, its pid not reused
+        os.kill(worker_pid, signal.SIGKILL)
+    remove_folder(folder)
+    if os.getpgrp() == worker_pid:  # the worker leads its own group, as _spawn starts it
+        os.killpg(worker_pid, signal.SIGKILL)
+
+
+def tuner_ended_first(folder: Path, tuner_line: int) -> bool:
+    """After the worker has ended: whether the tuner ended before it removed the folder (as it
+    does once its worker has exited). Its end can show only after the worker's: the kernel
+    kills the worker when the tuner's thread ends, but closes the tuner's files (the lifeline)
+    only once its last thread has ended and its memory is unmapped."""
+    while folder.exists():
+        if select.select([tuner_line], [], [], POLL_S)[0]:
+            return True
+    return False
+
+
+def remove_folder(folder: Path) -> None:
+    """Remove a worker's folder; any other folder is left alone."""
+    if folder.name.startswith(FOLDER_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":
+    guard_worker(sys.argv[1])
     worker_main(sys.argv[1], sys.argv[2])
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: some runtimes crash in their atexit handlers
