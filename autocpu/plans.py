@@ -8,6 +8,7 @@ file is moved aside (never deleted) and reported in one line.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import json
 import logging
@@ -38,6 +39,8 @@ PLAN_FORMAT = 1
 #: and become file names: nothing else may, so no key reaches outside the cache.
 KEY_PATTERN = re.compile(r"[0-9a-f]{20}")
 KEY_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,20}")
+#: Age after which a temp file of an atomic write belongs to a write that died.
+STALE_TEMP_S = 600.0
 #: Overrides where the cache lives.
 CACHE_DIR_ENV = "AUTOCPU_CACHE_DIR"
 CORE_PACKAGES = ("autocpu", "torch", "transformers")
@@ -319,6 +322,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     readable by whoever could read a plainly written file there.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -331,6 +335,16 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove temp files of earlier writes of ``path`` that a killed process left behind. A
+    write in progress keeps its temp file for seconds; one older than STALE_TEMP_S is dead."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
 
 
 def move_aside(path: Path, cache_root: Path, what: str, error: BaseException) -> Path | None:

@@ -252,3 +252,15 @@ def test_concurrent_tunes_never_measure_the_same_point_twice(
     assert len(workers) == 2  # both processes took part
     assert sorted(measured) == sorted(set(measured)), "a point was measured twice"
     assert len(measured) == space
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_the_next_write(cache_dir):
+    plan = quick_tune().plan
+    cache = PlanCache()
+    dead = cache.plans_dir / f".{plan.key}.json.0123456789ab.tmp"
+    live = cache.plans_dir / f".{plan.key}.json.ba9876543210.tmp"
+    for tmp in (dead, live):
+        tmp.write_text("{half a pl")
+    os.utime(dead, (1, 1))  # long ago: its writer is gone
+    cache.save(plan)
+    assert not dead.exists() and live.exists()  # a write in progress keeps its file
