@@ -127,21 +127,6 @@ class StudyState:
         return min((r.median_ms for r in self.records.values() if r.status == OK), default=1e300)
 
 
-def first_candidates(
-    backends: list[Backend],
-    spec: ModelSpec,
-    hw: CpuInfo,
-    lossy: bool,
-    seeds: list[tuple[str, dict[str, Any]]],
-) -> list[tuple[str, dict[str, Any]]]:
-    """Shipped winners, then (under a loose tolerance) every backend's bf16/int8 recipes, then
-    every backend's defaults. The recipes go first because they are what a loose tolerance is
-    for: a small budget spent on fp32 defaults would never reach them."""
-    recipes = [(b.name, p) for b in backends if lossy for p in b.lossy_defaults(spec, hw)]
-    defaults = [(b.name, b.defaults(hw)) for b in backends]
-    return [*seeds, *recipes, *defaults]
-
-
 def claim_of(record: TrialRecord) -> str:
     """The candidate as a string a study can store: the same for the same backend and settings."""
     return json.dumps(record.identity, default=str)
@@ -153,6 +138,57 @@ class Budget:
 
     n_trials: int | None
     timeout: float | None
+
+
+class Space:
+    """The eligible backends' settings as Optuna parameters, and the candidates tried first."""
+
+    def __init__(self, backends: list[Backend], spec: ModelSpec, hw: CpuInfo, lossy: bool) -> None:
+        self.backends = {b.name: b for b in backends}
+        self.spec, self.hw, self.lossy = spec, hw, lossy
+
+    def propose(self, trial: optuna.Trial) -> TrialRecord:
+        """The candidate ``trial`` asks for: the sampler's pick, or a queued point."""
+        name = trial.suggest_categorical("backend", list(self.backends))
+        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
+        return TrialRecord(name, params, number=trial.number)
+
+    def point(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A candidate as the study's parameters (each prefixed with its backend's name)."""
+        backend = self.backends[name]
+        return {"backend": name, **{backend.key(k): v for k, v in params.items()}}
+
+    def contains(self, name: str, params: Mapping[str, Any]) -> bool:
+        """Whether the candidate is a point of this space. Optuna fails a trial whose queued
+        value lies outside a parameter's choices (a shipped winner whose precision this
+        tolerance rules out, say), which would end the whole study; a dry run tells first."""
+        if name not in self.backends:
+            return False
+        dry_run = optuna.create_study()
+        dry_run.enqueue_trial(self.point(name, params))
+        try:
+            self.propose(dry_run.ask())
+        except ValueError as error:
+            log.warning("candidate %s %s is outside this search's space: %s", name, params, error)
+            return False
+        return True
+
+    def first_candidates(
+        self, seeds: list[tuple[str, dict[str, Any]]]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Shipped winners, then (under a loose tolerance) every backend's bf16/int8 recipes,
+        then every backend's defaults, each that lies in this space. The recipes go first
+        because they are what a loose tolerance is for: a small budget spent on fp32 defaults
+        would never reach them."""
+        backends = self.backends.values()
+        recipes = [
+            (b.name, p)
+            for b in backends
+            if self.lossy
+            for p in b.lossy_defaults(self.spec, self.hw)
+        ]
+        defaults = [(b.name, b.defaults(self.hw)) for b in backends]
+        return [c for c in [*seeds, *recipes, *defaults] if self.contains(*c)]
 
 
 class Search:
@@ -177,10 +213,8 @@ class Search:
         seeds: list[tuple[str, dict[str, Any]]] = (),
         progress: ProgressCallback | None = None,
     ) -> None:
-        self.executor, self.study, self.spec, self.hw = executor, study, spec, hw
-        self.backends = {b.name: b for b in backends}
-        self.budget, self.lossy = budget, lossy
-        self.seeds = [(name, params) for name, params in seeds if name in self.backends]
+        self.executor, self.study, self.budget, self.seeds = executor, study, budget, seeds
+        self.space = Space(backends, spec, hw, lossy)
         self.progress = Progress(progress, budget.n_trials)
         self.measured = 0
 
@@ -192,24 +226,23 @@ class Search:
         baseline.reason = BASELINE
         self.progress.best_ms = self.progress.baseline_ms = baseline.median_ms
         log.info("baseline (the model as given): %.2f ms", baseline.median_ms)
-        if self.backends:
+        if self.space.backends:
             self._run_study()
         final = StudyState.read(self.study)
         self.measured = final.measured
         return baseline, list(final.records.values())
 
     def _run_study(self) -> None:
-        backends = list(self.backends.values())
-        for name, params in first_candidates(backends, self.spec, self.hw, self.lossy, self.seeds):
-            self._enqueue(name, params)
-        state = StudyState.read(self.study)
-        self.measured = state.measured
-        if self._budget_spent():
-            return  # a resumed tune whose trials all finished before the interruption
-        self.progress.best_ms = min(self.progress.best_ms, state.best_ms)
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
+            for name, params in self.space.first_candidates(self.seeds):
+                self._enqueue(name, params)
+            state = StudyState.read(self.study)
+            self.measured = state.measured
+            if self._budget_spent():
+                return  # a resumed tune whose trials all finished before the interruption
+            self.progress.best_ms = min(self.progress.best_ms, state.best_ms)
             self.study.optimize(  # ends at the budget, the timeout or an exhausted space
                 self._objective,
                 timeout=self.budget.timeout,
@@ -223,23 +256,14 @@ class Search:
         return self.budget.n_trials is not None and self.measured >= self.budget.n_trials
 
     def _enqueue(self, name: str, params: Mapping[str, Any]) -> None:
-        backend = self.backends[name]
-        self.study.enqueue_trial(
-            {"backend": name, **{backend.key(k): v for k, v in params.items()}},
-            skip_if_exists=True,
-        )
-
-    def _propose(self, trial: optuna.Trial) -> TrialRecord:
-        name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
-        return TrialRecord(name, params, number=trial.number)
+        self.study.enqueue_trial(self.space.point(name, params), skip_if_exists=True)
 
     def _enqueue_unmeasured(self, state: StudyState, seed: int) -> bool:
         """Queue a random point of the space that no trial has measured or claimed; False if
         none turns up in FRESH_POINT_DRAWS draws, i.e. the space is exhausted."""
         draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         for _ in range(FRESH_POINT_DRAWS):
-            record = self._propose(draws.ask())
+            record = self.space.propose(draws.ask())
             if record.identity not in state.records and claim_of(record) not in state.claims:
                 self._enqueue(record.backend, record.params)
                 return True
@@ -247,7 +271,7 @@ class Search:
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
-        record = self._propose(trial)
+        record = self.space.propose(trial)
         claim = claim_of(record)
         trial.set_user_attr(CLAIM, claim)  # before the read: of two claims, both see both
         state = StudyState.read(self.study)

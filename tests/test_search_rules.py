@@ -172,6 +172,14 @@ def test_shipped_seeds_then_lossy_recipes_then_defaults_come_first(fake_registry
     ]
 
 
+def test_a_seed_outside_the_search_space_is_skipped_not_fatal(fake_registry, spec_and_hw):
+    backends = fake_registry(FakeBackend("fancy", 2, {"y": ["a", "b"]}))
+    executor = FakeExecutor(lambda name, params: 5.0)
+    seeds = [("fancy", {"y": "bf16"}), ("fancy", {"y": "b"})]  # the first: not a choice here
+    search(executor, backends, spec_and_hw, 2, seeds=seeds)
+    assert executor.measured == [(BASELINE, {}), ("fancy", {"y": "b"}), ("fancy", {"y": "a"})]
+
+
 def test_a_strict_tolerance_skips_the_lossy_recipes(fake_registry, spec_and_hw):
     backends = fake_registry(FakeBackend("fancy", 2, {"y": ["a", "b"]}, lossy=[{"y": "b"}]))
     executor = FakeExecutor(lambda name, params: 5.0)
