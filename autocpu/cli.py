@@ -161,6 +161,8 @@ def cmd_plans(args: argparse.Namespace) -> int:
     from autocpu.plans import PlanCache
     from autocpu.report import explain_table, plans_table
 
+    if args.shipped:
+        return _list_shipped(args)
     cache = PlanCache(args.cache_dir)
     if args.action in ("export", "import"):
         return _share(cache, args)
@@ -184,6 +186,29 @@ def cmd_plans(args: argparse.Namespace) -> int:
         print(f"removed {cache.remove(plan.key)}")
     elif args.action == "verify":
         return _verify(cache, plan, args.model)
+    return 0
+
+
+def _list_shipped(args: argparse.Namespace) -> int:
+    """plans list --shipped: the tuning database's plans for this machine's fingerprint, the
+    only ones a tune here can use without searching."""
+    from autocpu.hardware import probe
+    from autocpu.report import plans_table
+    from autocpu.sharing import shipped_for, tuning_db_dir
+
+    if args.action != "list":
+        raise AutocpuError(
+            f"--shipped goes with 'plans list', not 'plans {args.action}'",
+            "run 'autocpu plans list --shipped'",
+        )
+    fingerprint = probe().fingerprint()
+    plans = shipped_for(fingerprint)
+    if args.json:
+        print(json.dumps([json.loads(p.to_json()) for p in plans], indent=2))
+    elif not plans:
+        print(f"no shipped plans for this machine (fingerprint {fingerprint}) in {tuning_db_dir()}")
+    else:
+        print(plans_table(plans, title=f"shipped plans for this machine ({fingerprint})"))
     return 0
 
 
@@ -316,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     plans.add_argument("--model", default=None, help="verify: the model directory")
     plans.add_argument("-o", "--output", default=None, help="export: the bundle file to write")
     plans.add_argument("--cache-dir", default=None)
+    plans.add_argument(
+        "--shipped",
+        action="store_true",
+        help="list: the plans shipped with autocpu for this machine, not the cache's",
+    )
     plans.set_defaults(func=cmd_plans)
 
     explain = sub.add_parser("explain", help="every candidate a plan's search tried, and why")

@@ -93,8 +93,8 @@ def explain_table(plan: Plan) -> str:
     return render(table)
 
 
-def plans_table(plans: list[Plan]) -> str:
-    table = Table(title="cached plans")
+def plans_table(plans: list[Plan], title: str = "cached plans") -> str:
+    table = Table(title=title)
     for column in ("key", "model", "task", "inputs", "backend", "speedup", "tolerance", "created"):
         table.add_column(column, overflow="fold")
     for plan in plans:

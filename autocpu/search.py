@@ -127,6 +127,13 @@ class StudyState:
         return min((r.median_ms for r in self.records.values() if r.status == OK), default=1e300)
 
 
+def was_queued(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` runs a point queued with ``enqueue_trial``: a study resumed from
+    a journal may hold points queued by another version or machine, outside today's space."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    return "fixed_params" in frozen.system_attrs
+
+
 def claim_of(record: TrialRecord) -> str:
     """The candidate as a string a study can store: the same for the same backend and settings."""
     return json.dumps(record.identity, default=str)
@@ -271,7 +278,13 @@ class Search:
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
-        record = self.space.propose(trial)
+        try:
+            record = self.space.propose(trial)
+        except ValueError as error:  # see Space.contains
+            if not was_queued(self.study, trial.number):
+                raise
+            log.warning("a queued candidate is outside this search's space (%s): skipped", error)
+            raise optuna.TrialPruned(str(error)) from None
         claim = claim_of(record)
         trial.set_user_attr(CLAIM, claim)  # before the read: of two claims, both see both
         state = StudyState.read(self.study)

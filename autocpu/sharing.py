@@ -1,12 +1,14 @@
-"""Plans that travel: one-file bundles (``autocpu plans export/import``) and the shipped
-``tuning_db/`` of pre-tuned plans, like TVM's TopHub.
+"""Plans that travel: one-file bundles (``autocpu plans export/import``) and the tuning
+database of pre-tuned plans shipped inside the package (``autocpu/tuning_db/``), like TVM's
+TopHub.
 
 A bundle is JSON: every plan with its canary (base64), so an imported plan checks itself on
-its first use like a locally tuned one. A canary may be left out (the suite leaves out GPT-2's,
-24-49 MiB of logits); ``tune()`` then makes one from the model it is given. ``tune()`` looks in
-the tuning database after the user cache: a plan with the exact key is used without searching;
-plans for the same model on the same CPU family and ISA only seed the search (their settings
-are tried first).
+its first use like a locally tuned one. A canary may be left out, and the shipped bundles hold
+none: the plan key pins the model's weights and input shapes, so ``tune()`` makes the canary
+from the model it is given on the plan's first use, and the database stays small enough to ship
+in the wheel. ``tune()`` looks in the tuning database after the user cache: a plan with the
+exact key is used without searching; plans for the same model on the same CPU family and ISA
+only seed the search (their settings are tried first).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from autocpu.plans import Plan, PlanCache, atomic_write, writing
 BUNDLE_FORMAT = 1
 #: Overrides where the tuning database is read from.
 TUNING_DB_ENV = "AUTOCPU_TUNING_DB"
+#: The shipped database: package data, so it is wherever the package is installed.
+SHIPPED_DB = Path(__file__).resolve().parent / "tuning_db"
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,14 @@ def export_bundle(cache: PlanCache, keys: list[str], path: Path) -> list[Plan]:
                 else None,
             }
         )
-    atomic_write(path, json.dumps({"autocpu_bundle": BUNDLE_FORMAT, "plans": entries}, indent=1))
+    atomic_write(path, bundle_text(entries))
     return plans
+
+
+def bundle_text(entries: list[dict[str, Any]]) -> str:
+    """A bundle as compact JSON with one plan a line, so a changed plan is a one-line diff."""
+    lines = ",\n".join(json.dumps(entry, separators=(",", ":")) for entry in entries)
+    return f'{{"autocpu_bundle":{BUNDLE_FORMAT},"plans":[\n{lines}\n]}}\n'
 
 
 def read_bundle(path: Path) -> list[SharedPlan]:
@@ -86,9 +96,9 @@ def import_bundle(cache: PlanCache, path: Path) -> list[Plan]:
 
 
 def tuning_db_dir() -> Path:
-    """``AUTOCPU_TUNING_DB``, else the ``tuning_db/`` folder beside the package."""
+    """``AUTOCPU_TUNING_DB``, else the database shipped in the package."""
     override = os.environ.get(TUNING_DB_ENV)
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "tuning_db"
+    return Path(override) if override else SHIPPED_DB
 
 
 def tuning_db() -> list[SharedPlan]:
@@ -116,9 +126,23 @@ def shipped_plan(key: str) -> SharedPlan | None:
     return next((entry for entry in tuning_db() if entry.plan.key == key), None)
 
 
+def shipped_for(fingerprint: str) -> list[Plan]:
+    """The tuning database's plans measured on machines with this fingerprint: the ones an
+    exact match can come from here."""
+    return [e.plan for e in tuning_db() if e.plan.machine.get("fingerprint") == fingerprint]
+
+
 def seeds(model: dict[str, str], family: str) -> list[tuple[str, dict[str, Any]]]:
-    """Winning settings of shipped plans for this architecture and config on the same CPU
-    family and ISA set: worth trying first, not trusting blindly."""
+    """Winning settings of fp32-exact shipped plans for this architecture and config on the same
+    CPU family and ISA set: worth trying first, not trusting blindly.
+
+    Only plans tuned under a tolerance that rules out bf16 and int8 seed: their settings lie in
+    every search's space, while a bf16 or int8 winner's precision is no choice a strict search
+    offers (Optuna refuses a queued value outside a parameter's choices). A loose search tries
+    each backend's bf16/int8 recipes first anyway.
+    """
+    from autocpu.accuracy import Tolerance  # torch: only when a search starts
+
     found = []
     for entry in tuning_db():
         plan = entry.plan
@@ -126,6 +150,7 @@ def seeds(model: dict[str, str], family: str) -> list[tuple[str, dict[str, Any]]
             model.get("architecture"),
             model.get("config"),
         )
-        if same_model and plan.machine.get("family_key") == family:
+        exact = not Tolerance.parse(plan.tolerance).admits_lossy
+        if same_model and exact and plan.machine.get("family_key") == family:
             found.append((plan.backend, plan.params))
     return found

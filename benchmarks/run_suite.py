@@ -47,9 +47,8 @@ DEFAULT_MODELS = ("bert-base", "distilbert-base", "roberta-base", "gpt2", "all-M
 #: Seconds of interleaved rounds per model and shape (at least MIN_ROUNDS rounds).
 MEASURE_SECONDS = {"b1s128": 90.0, "b8s128": 180.0, "b1s16": 5.0}
 MIN_ROUNDS = 10
-#: Canaries keep full reference outputs: GPT-2's logits make 24-49 MiB each, too big to commit.
-#: Such plans ship without one; tune() makes it from the model on the plan's first use.
-MAX_SHIPPED_CANARY_BYTES = 4 << 20
+#: The package's shipped tuning database, which --export-tuning-db writes by default.
+TUNING_DB = ROOT / "autocpu" / "tuning_db"
 
 
 def say(message: str) -> None:
@@ -253,9 +252,13 @@ def row_cache(work: Path, model: str, shape: str) -> Path:
 
 
 def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
-    """The suite's autocpu plans (not the oracle's) as one bundle in ``tuning_db/``. Plans of
-    rows whose work folder is gone (measured on another run) are kept from the bundle."""
-    earlier = {shared.plan.key: shared for shared in read_bundle(target)} if target.exists() else {}
+    """The suite's autocpu plans (not the oracle's) as one bundle for the shipped tuning
+    database. Plans of rows whose work folder is gone (measured on another run) are kept from
+    the bundle. No canary ships: ``tune()`` makes one from the user's model on a shipped plan's
+    first use, which keeps the database small enough for the wheel."""
+    earlier = (
+        {shared.plan.key: shared.plan for shared in read_bundle(target)} if target.exists() else {}
+    )
     staging = work / "tuning-db-export"
     shutil.rmtree(staging, ignore_errors=True)  # a canary left by an earlier export must not ship
     combined = PlanCache(staging)
@@ -265,21 +268,12 @@ def export_tuning_db(results: dict, work: Path, target: Path) -> Path:
         for name, column in run["columns"].items():
             if not name.startswith("autocpu_") or "key" not in column:
                 continue
-            plan = source.load(column["key"])
+            plan = source.load(column["key"]) or earlier.get(column["key"])
             if plan is None:
-                shared = earlier.get(column["key"])
-            else:
-                canary = source.canary_path(plan.key)
-                shared = SharedPlan(plan, canary.read_bytes() if canary.exists() else None)
-            if shared is None:
                 say(f"  not shipped: {row} {name} (its plan is in neither cache)")
-            else:
-                size = len(shared.canary or b"")
-                if size > MAX_SHIPPED_CANARY_BYTES:
-                    say(f"  shipped without its canary ({size >> 20} MiB): {row} {name}")
-                    shared = SharedPlan(shared.plan, None)
-                install(combined, shared)
-                keys.append(shared.plan.key)
+                continue
+            install(combined, SharedPlan(plan, canary=None))
+            keys.append(plan.key)
     export_bundle(combined, sorted(keys), target)  # one order, whichever rows ran this time
     return target
 
@@ -313,20 +307,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--export-tuning-db",
         type=Path,
         nargs="?",
-        const=ROOT / "tuning_db",
+        const=TUNING_DB,
         default=None,
         metavar="DIR",
-        help="write the suite's plans to DIR/<fingerprint>.json (default DIR: tuning_db/)",
+        help="write the suite's plans to DIR/<fingerprint>.json (default DIR: autocpu/tuning_db/)",
     )
     parser.add_argument(
         "--export-only",
         action="store_true",
-        help="measure nothing: export the finished rows' plans (to tuning_db/ unless "
+        help="measure nothing: export the finished rows' plans (to autocpu/tuning_db/ unless "
         "--export-tuning-db names a DIR)",
     )
     args = parser.parse_args(argv)
     if args.export_only and args.export_tuning_db is None:
-        args.export_tuning_db = ROOT / "tuning_db"
+        args.export_tuning_db = TUNING_DB
     args.models = [m for m in args.models.split(",") if m]
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.tolerances = [t for t in args.tolerances.split(",") if t]

@@ -75,8 +75,8 @@ def main() -> None:
     )
     print(
         f"speedup over fp32 eager: {plan.speedup:.2f}x (IQR {plan.speedup_iqr[0]:.2f}-"
-        f"{plan.speedup_iqr[1]:.2f}), {plan.winner['median_ms']:.2f} ms vs "
-        f"{plan.baseline['median_ms']:.2f} ms; embedding cosine >= {cosine:.6f}"
+        f"{plan.speedup_iqr[1]:.2f}), {plan.winner.median_ms:.2f} ms vs "
+        f"{plan.baseline.median_ms:.2f} ms; embedding cosine >= {cosine:.6f}"
     )
     print("reloading in a fresh process ...", flush=True)
     command = [sys.executable, __file__, "--reload", "--tolerance", args.tolerance]

@@ -124,14 +124,14 @@ def test_export_only_writes_the_tuning_db_and_measures_nothing(suite, tmp_path):
     assert (work / "results" / f"{fingerprint}.json").read_text() == before
 
 
-def test_a_plan_whose_canary_is_too_big_ships_without_it(suite, tmp_path, monkeypatch):
+def test_the_tuning_db_ships_plans_without_canaries(suite):
+    """The row's cache holds the plan's canary; the shipped bundle does not (tune() makes one
+    from the user's model on first use)."""
     results, work = suite
-    fingerprint = results["machine"]["fingerprint"]
-    monkeypatch.setattr(run_suite, "MAX_SHIPPED_CANARY_BYTES", 0)
-    argv = ["--export-only", "--work", str(work), "--results", str(work / "results")]
-    assert run_suite.main([*argv, "--export-tuning-db", str(tmp_path)]) == 0
-    key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
-    shipped = read_bundle(tmp_path / f"{fingerprint}.json")
+    run = results["runs"]["tiny-bert/b1s16"]
+    key = run["columns"]["autocpu_strict"]["key"]
+    assert PlanCache(run_suite.row_cache(work, "tiny-bert", "b1s16")).canary_path(key).exists()
+    shipped = read_bundle(work / "db" / f"{results['machine']['fingerprint']}.json")
     assert [(entry.plan.key, entry.canary) for entry in shipped] == [(key, None)]
 
 

@@ -180,6 +180,19 @@ def test_a_seed_outside_the_search_space_is_skipped_not_fatal(fake_registry, spe
     assert executor.measured == [(BASELINE, {}), ("fancy", {"y": "b"}), ("fancy", {"y": "a"})]
 
 
+def test_a_point_queued_earlier_outside_the_space_is_skipped_not_fatal(fake_registry, spec_and_hw):
+    """A resumed study may hold points another version queued, no longer in today's space."""
+    backends = fake_registry(FakeBackend("fancy", 2, {"y": ["a", "b"]}))
+    executor = FakeExecutor(lambda name, params: 5.0)
+    spec, hw = spec_and_hw
+    study = optuna.create_study(direction="minimize", sampler=make_sampler("tpe"))
+    study.enqueue_trial({"backend": "fancy", "fancy.y": "bf16"})
+    runs = Search(executor, study, spec, backends, hw, Budget(2, None), lossy=False)
+    runs.run(TrialRecord(BASELINE, {}))
+    assert ("fancy", {"y": "bf16"}) not in executor.measured and runs.measured == 2
+    assert optuna.trial.TrialState.PRUNED in {t.state for t in study.trials}
+
+
 def test_a_strict_tolerance_skips_the_lossy_recipes(fake_registry, spec_and_hw):
     backends = fake_registry(FakeBackend("fancy", 2, {"y": ["a", "b"]}, lossy=[{"y": "b"}]))
     executor = FakeExecutor(lambda name, params: 5.0)
