@@ -27,10 +27,9 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from autocpu.backends import all_backends
     from autocpu.hardware import probe
+    from autocpu.probe_report import hints, machine_tables
 
     hw = probe()
     backends = {b.name: b.availability(None, hw) for b in all_backends()}
@@ -43,63 +42,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     console = _console()
-    table = Table(title=f"{hw.brand} ({hw.vendor}, family {hw.family} model {hw.model})")
-    table.add_column("property")
-    table.add_column("value", overflow="fold")
-    limit = f", cgroup limit {hw.cgroup_cpu_limit:g}" if hw.cgroup_cpu_limit else ""
-    rows = [
-        (
-            "cores",
-            f"{hw.logical_cores} logical, {hw.physical_cores} physical, "
-            f"{hw.sockets} socket(s), {hw.numa_nodes} NUMA node(s)",
-        ),
-        ("usable by this process", f"{hw.usable_cpus} (affinity {hw.affinity_cpus}{limit})"),
-        ("L2 / L3", f"{_mib(hw.l2_bytes)} / {_mib(hw.l3_bytes)}"),
-        ("memory", _mib(hw.memory_bytes)),
-        ("ISA", " ".join(hw.flags) or "-"),
-        ("AMX granted by the OS", "yes" if hw.amx_granted else "no"),
-        ("native bf16 / fast int8", f"{_yes(hw.native_bf16)} / {_yes(hw.fast_int8)}"),
-        ("fingerprint", hw.fingerprint()),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
-    backend_table = Table(title="backends")
-    for column in ("backend", "available", "why not / fix"):
-        backend_table.add_column(column, overflow="fold")
-    for name, available in backends.items():
-        fix = f"{available.reason}; fix: {available.fix}" if available.fix else available.reason
-        backend_table.add_row(name, _yes(available.ok), fix)
-    console.print(backend_table)
-    for hint in _hints(hw, backends):
+    for table in machine_tables(hw, backends):
+        console.print(table)
+    for hint in hints(hw, backends):
         console.print(f"hint: {hint}")
     return 0
-
-
-def _hints(hw: Any, backends: dict[str, Any]) -> list[str]:
-    """What would likely speed this machine up that is not installed or not used."""
-    hints = []
-    for name in ("onnxruntime", "openvino"):
-        if name in backends and not backends[name].ok and backends[name].fix:
-            hints.append(f"{name} is usually the fastest fp32 engine on CPU: {backends[name].fix}")
-    precisions = ["fp32"]
-    if hw.native_bf16:
-        precisions.append("bf16")
-    if hw.fast_int8:
-        precisions.append("int8 (VNNI/AMX)")
-    hints.append(
-        f"this CPU runs {', '.join(precisions)} natively; a looser --tolerance (bf16, int8) "
-        "lets the search use them"
-    )
-    return hints
-
-
-def _mib(value: int | None) -> str:
-    return f"{value / 2**20:.0f} MiB" if value else "?"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
 
 
 # tune -------------------------------------------------------------------------------------------

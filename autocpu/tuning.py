@@ -151,40 +151,51 @@ class Tuning:
         costs: SearchCosts,
     ) -> Plan:
         """The plan of ``result``, written to the cache with its canary unless caching is off."""
-        winner = result.winner
-        plan = Plan(
-            key=self.key,
-            backend=winner.backend,
-            params=winner.params,
-            task=self.spec.task,
-            model=self.spec.fingerprint,
-            inputs=self.workload.signature(),
-            machine={**self.hw.to_dict(), "fingerprint": self.hw.fingerprint()},
-            tolerance=self.options.tolerance.to_dict(),
-            versions=versions,
-            backends=self.options.backends,
-            workload=self.workload.name,
-            baseline=result.baseline,
-            winner=result.winner_stats,
-            speedup=result.speedup,
-            speedup_iqr=list(result.speedup_iqr),
-            accuracy=winner.accuracy,
-            one_time_costs={
-                "build_s": winner.build_s or 0.0,
-                "first_call_s": winner.first_call_s or 0.0,
-            },
-            decision=result.decision,
-            trials=[*result.records, *skipped],
-            tune_seconds=costs.seconds,
-            study_trials=costs.study_trials,
-            search=self.options.search,
-            cpu_busy_percent=costs.cpu_busy_percent,
-            measured_in=costs.measured_in,
-        )
+        plan = _plan_of(self, result, skipped, versions, costs)
         if self.options.cache:
             save_canary(self.cache.canary_path(self.key), self.workload, self.spec.model)
             self.cache.save(plan)
         return plan
+
+
+def _plan_of(
+    tuning: Tuning,
+    result: SearchResult,
+    skipped: list[TrialRecord],
+    versions: dict[str, str],
+    costs: SearchCosts,
+) -> Plan:
+    """The plan a search's result makes: the winner, what it holds for, and the evidence."""
+    winner = result.winner
+    return Plan(
+        key=tuning.key,
+        backend=winner.backend,
+        params=winner.params,
+        task=tuning.spec.task,
+        model=tuning.spec.fingerprint,
+        inputs=tuning.workload.signature(),
+        machine={**tuning.hw.to_dict(), "fingerprint": tuning.hw.fingerprint()},
+        tolerance=tuning.options.tolerance.to_dict(),
+        versions=versions,
+        backends=tuning.options.backends,
+        workload=tuning.workload.name,
+        baseline=result.baseline,
+        winner=result.winner_stats,
+        speedup=result.speedup,
+        speedup_iqr=list(result.speedup_iqr),
+        accuracy=winner.accuracy,
+        one_time_costs={
+            "build_s": winner.build_s or 0.0,
+            "first_call_s": winner.first_call_s or 0.0,
+        },
+        decision=result.decision,
+        trials=[*result.records, *skipped],
+        tune_seconds=costs.seconds,
+        study_trials=costs.study_trials,
+        search=tuning.options.search,
+        cpu_busy_percent=costs.cpu_busy_percent,
+        measured_in=costs.measured_in,
+    )
 
 
 def _selected(names: list[str] | None) -> list[Backend]:
