@@ -15,10 +15,10 @@ from autocpu.backends import _optimum_common as common
 from autocpu.errors import AutocpuError
 from autocpu.models import infer_task, load_model_dir, task_for_class_name
 
-#: optimum's model classes, and the tasks each package has no class for.
+#: optimum's model classes, the tasks each package has no class for, and the runtime it needs.
 OPTIMUM_CLASSES = [
-    ("optimum.onnxruntime", "ORTModelFor", set()),
-    ("optimum.intel", "OVModelFor", {"multiple-choice"}),
+    ("optimum.onnxruntime", "ORTModelFor", set(), "onnxruntime"),
+    ("optimum.intel", "OVModelFor", {"multiple-choice"}, "openvino"),
 ]
 
 
@@ -30,8 +30,11 @@ def test_every_task_has_its_classes_and_is_recognised(task: tasks.Task) -> None:
         assert task_for_class_name(f"Bert{suffix}") == task.name
 
 
-@pytest.mark.parametrize(("module", "prefix", "missing"), OPTIMUM_CLASSES)
-def test_optimum_classes_follow_the_table(module: str, prefix: str, missing: set[str]) -> None:
+@pytest.mark.parametrize(("module", "prefix", "missing", "runtime"), OPTIMUM_CLASSES)
+def test_optimum_classes_follow_the_table(
+    module: str, prefix: str, missing: set[str], runtime: str
+) -> None:
+    pytest.importorskip(runtime)  # optimum 1.x ships optimum.onnxruntime without the runtime
     pytest.importorskip(module)
     for name in tasks.task_names():
         found = common.model_class(module, prefix, name)
