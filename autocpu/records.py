@@ -6,6 +6,7 @@ serialises to the JSON a plan file holds and reads it back.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -114,7 +115,7 @@ def checked_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     is not). Unknown entries are left out, so files of newer versions still read."""
     if not isinstance(data, Mapping):
         raise ValueError(f"a {cls.__name__} is a JSON {type(data).__name__}, not an object")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     values = {k: v for k, v in data.items() if k in hints}
     missing = [
         f.name
@@ -127,6 +128,13 @@ def checked_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
         if not json_type_fits(value, hints[name]):
             raise ValueError(f"{cls.__name__}.{name} is {value!r:.40}, not {hints[name]}")
     return values
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields (read once per class: a study read
+    checks every record of every trial)."""
+    return typing.get_type_hints(cls)
 
 
 def json_type_fits(value: Any, hint: Any) -> bool:
