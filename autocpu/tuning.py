@@ -7,7 +7,6 @@ cache, the plan key and the options); the example inputs enter it once, as the w
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ from autocpu.storage import study_for
 from autocpu.trials import TrialRunner
 from autocpu.tuned import TunedModel, build_tuned, wrap
 from autocpu.workloads import ForwardPass
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
