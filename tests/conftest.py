@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,15 @@ def use_test_backends(monkeypatch):
 
     yield use
     registry._discover.cache_clear()
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    """``autocpu ARGS`` in a fresh process on the cache ``cache``, its output captured."""
+    env = {**os.environ, "AUTOCPU_CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "autocpu.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )

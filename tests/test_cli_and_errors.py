@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model
+from conftest import run_cli, tiny_inputs, tiny_model
 
 import autocpu
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
-
-
-def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AUTOCPU_CACHE_DIR": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "autocpu.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):

@@ -14,23 +14,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import tiny_inputs, tiny_model
+from conftest import run_cli, tiny_inputs, tiny_model
 from misbehaving_backends import BARRIER
 
 import autocpu
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
 from autocpu.sharing import export_bundle, import_bundle
-
-
-def run_cli(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "autocpu.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "AUTOCPU_CACHE_DIR": str(cache), **env},
-        timeout=600,
-    )
 
 
 def quick_tune(**options):
