@@ -4,11 +4,17 @@ Four numbers per output tensor: max absolute difference, that difference relativ
 reference's scale (its max absolute value), cosine similarity, and, for logits, how often the
 argmax agrees. A tolerance bounds the relative difference, cosine and argmax agreement
 (optionally the absolute difference too); presets cover fp32-faithful, bf16- and int8-level.
+
+Generation is compared teacher-forced, so one changed token does not make every later position
+incomparable: the candidate's logits along the reference's own greedy continuation (the same
+four numbers; the argmax agreement is the top-1 agreement per position), plus the greedy tokens
+the candidate generated itself (the fraction identical and the identical prefix).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +24,13 @@ from autocpu.errors import AutocpuError
 from autocpu.outputs import named_tensors
 from autocpu.records import AccuracyReport
 
-__all__ = ["AccuracyReport", "Tolerance", "compare_batches", "compare_outputs"]
+__all__ = [
+    "AccuracyReport",
+    "Tolerance",
+    "compare_batches",
+    "compare_generated",
+    "compare_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,10 @@ class Tolerance:
     min_argmax: float = 1.0
     max_abs: float | None = None
     name: str = "custom"
+    #: Generation only: the fraction of greedy tokens that must equal fp32 eager's, position by
+    #: position. None: all of them when ``min_argmax`` is 1, else not bounded (see
+    #: :attr:`same_tokens_bound`).
+    min_same_tokens: float | None = None
 
     def __post_init__(self) -> None:
         bad = []
@@ -41,11 +57,13 @@ class Tolerance:
             bad.append(f"min_argmax={self.min_argmax}")
         if self.max_abs is not None and not (math.isfinite(self.max_abs) and self.max_abs > 0):
             bad.append(f"max_abs={self.max_abs}")
+        if self.min_same_tokens is not None and not (0.0 <= self.min_same_tokens <= 1.0):
+            bad.append(f"min_same_tokens={self.min_same_tokens}")
         if bad:
             raise AutocpuError(
                 f"bad tolerance: {', '.join(bad)}",
-                "use max_rel > 0, min_cosine in [-1, 1], min_argmax in [0, 1], max_abs > 0 "
-                "(or a preset: 'strict', 'bf16', 'int8')",
+                "use max_rel > 0, min_cosine in [-1, 1], min_argmax in [0, 1], max_abs > 0, "
+                "min_same_tokens in [0, 1] (or a preset: 'strict', 'bf16', 'int8')",
             )
 
     @classmethod
@@ -88,7 +106,27 @@ class Tolerance:
         raise AutocpuError(f"bad tolerance {value!r}", _TOLERANCE_FIX)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, ``min_same_tokens`` only when set (so plan keys made before it existed,
+        shipped plans included, stay the same)."""
+        data = asdict(self)
+        if data["min_same_tokens"] is None:
+            del data["min_same_tokens"]
+        return data
+
+    @property
+    def same_tokens_bound(self) -> float:
+        """The fraction of greedy tokens that must be fp32 eager's.
+
+        Top-1 agreement of 1 at every teacher-forced position implies identical greedy tokens
+        (each next token is the argmax after an identical prefix), so a tolerance that demands
+        it demands identical tokens too, and a candidate whose cached decode path differs from
+        its full forward is caught. A tolerance that admits a changed top-1 admits a changed
+        token, after which greedy decoding follows another continuation: the tokens are then
+        reported, and the teacher-forced logits are the bound.
+        """
+        if self.min_same_tokens is not None:
+            return self.min_same_tokens
+        return 1.0 if self.min_argmax >= 1.0 else 0.0
 
     @property
     def admits_lossy(self) -> bool:
@@ -181,3 +219,32 @@ def compare_batches(
     for reference, candidate, mask in zip(references, candidates, masks, strict=True):
         total.merge(compare_outputs(reference, candidate, tolerance, mask))
     return total
+
+
+def compare_generated(
+    reference: Mapping[str, torch.Tensor],
+    candidate: Mapping[str, torch.Tensor],
+    tolerance: Tolerance,
+    prompt_length: int,
+    mask: torch.Tensor | None = None,
+) -> AccuracyReport:
+    """One batch of generation: the teacher-forced ``logits`` (over the prompt and the
+    reference continuation, masked by the full sequence's ``mask``) and the new greedy
+    ``sequences`` tokens after ``prompt_length``, each against fp32 eager's."""
+    report = compare_outputs(
+        {"logits": reference["logits"]}, {"logits": candidate["logits"]}, tolerance, mask
+    )
+    expected, got = reference["sequences"], candidate["sequences"]
+    if tuple(got.shape) != tuple(expected.shape):
+        report.failures.append(f"generated {tuple(got.shape)} tokens, not {tuple(expected.shape)}")
+        return report
+    same = expected[:, prompt_length:] == got[:, prompt_length:]
+    report.same_tokens = float(same.double().mean()) if same.numel() else 1.0
+    report.same_prefix = int(same.int().cumprod(dim=1).sum(dim=1).min()) if same.numel() else 0
+    bound = tolerance.same_tokens_bound
+    if report.same_tokens < bound:
+        report.failures.append(
+            f"greedy tokens: {report.same_tokens:.0%} identical to fp32's (first "
+            f"{report.same_prefix} in every row) < {bound:.0%}"
+        )
+    return report

@@ -18,7 +18,7 @@ from autocpu.plans import Plan, PlanCache, load_plan
 from autocpu.search import ProgressCallback
 from autocpu.tuned import TunedModel, build_tuned
 from autocpu.tuning import Tuning
-from autocpu.workloads import ForwardPass
+from autocpu.workloads import WORKLOADS, Generation, require_generate
 
 __all__ = ["AutocpuWarning", "apply_plan", "load_plan", "tune"]
 
@@ -27,7 +27,7 @@ _DEFAULTS = TuneOptions()
 
 def tune(
     model: torch.nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     *,
     tolerance: Tolerance | str | float | dict = _DEFAULTS.tolerance,
     n_trials: int | None = _DEFAULTS.n_trials,
@@ -42,11 +42,15 @@ def tune(
     trial_timeout: float = _DEFAULTS.trial_timeout,
     memory_limit_gb: float | None = _DEFAULTS.memory_limit_gb,
     search: str = _DEFAULTS.search,
+    workload: str | None = _DEFAULTS.workload,
+    max_new_tokens: int = _DEFAULTS.max_new_tokens,
 ) -> TunedModel:
     """Find the fastest way to run ``model`` on this CPU within ``tolerance``.
 
     ``example_inputs``: one batch (dict of tensors or a tokenizer's BatchEncoding) or a list of
-    batches; latency is one pass over all of them. A matching cached plan is reused without
+    batches; latency is one pass over all of them. Without them the tune runs on made-up inputs
+    (one row of 128 valid token ids, or one image) and says so: the plan then holds for that
+    shape. A matching cached plan is reused without
     searching. Returns a drop-in model; ``.plan`` holds the evidence, ``.explain()`` the table.
 
     ``isolation="process"`` (default) builds and measures every candidate in a worker process,
@@ -58,6 +62,11 @@ def tune(
     ``search="exhaustive"`` measures every point of the search space (Optuna's
     BruteForceSampler) instead of TPE's sample; with no ``n_trials``/``timeout`` it runs until
     the space is exhausted, which takes far longer: it is the benchmark's oracle.
+    ``workload``: what is measured. A text-generation model (a causal LM) is tuned on greedy
+    ``generate()`` of ``max_new_tokens`` new tokens from each example prompt (EOS ignored), what
+    serving it waits for, and its plan serves ``generate()`` (pipelines and streamers included)
+    on the plan's engine; ``"forward"`` tunes one forward pass per batch, as for every other
+    model.
     Every option, its default and its validation: :class:`autocpu.options.TuneOptions`.
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "example_inputs")}
@@ -78,6 +87,7 @@ def apply_plan(
     """
     plan = load_plan(plan, cache_dir)
     spec = make_spec(model, plan.task)
+    spec.workload = plan.workload
     if spec.fingerprint["architecture"] != plan.model.get("architecture"):
         raise AutocpuError(
             f"plan {plan.key[:12]} is for {plan.model.get('architecture')}, "
@@ -92,10 +102,18 @@ def apply_plan(
         notes.append(reason)
     if notes:
         warnings.warn(f"plan {plan.key[:12]}: {'; '.join(notes)}", AutocpuWarning, stacklevel=2)
+    if plan.workload not in WORKLOADS:
+        raise AutocpuError(
+            f"plan {plan.key[:12]} was tuned for an unknown workload {plan.workload!r}",
+            "upgrade autocpu, or tune the model here with autocpu.tune()",
+        )
+    if plan.workload == Generation.name:
+        require_generate(model, f"cannot serve plan {plan.key[:12]}, tuned for generate()")
     batches = (
         normalize_inputs(example_inputs)
         if example_inputs is not None
         else synthesize_from_signature(plan.inputs)
     )
     cache = PlanCache(Path(cache_dir) if cache_dir else None)
-    return build_tuned(spec, plan, ForwardPass(batches), cache, source="cache")
+    workload = WORKLOADS[plan.workload].restore(batches, plan.workload_settings)
+    return build_tuned(spec, plan, workload, cache, source="cache")

@@ -24,7 +24,8 @@ from autocpu.measure import Comparison, interleaved
 from autocpu.models import model_fingerprint
 from autocpu.options import BENCH_SECONDS
 from autocpu.plans import Plan, PlanCache
-from autocpu.workloads import ForwardPass
+from autocpu.records import GenerationStats
+from autocpu.workloads import WORKLOADS
 
 
 @dataclass
@@ -34,6 +35,8 @@ class BenchResult:
     accuracy: AccuracyReport
     build_s: float
     first_call_s: float
+    #: Generation plans: TTFT, TPOT and tokens/s of "baseline" and "tuned".
+    generation: dict[str, GenerationStats]
 
     def summary(self) -> str:
         base, tuned = self.comparison.stats["baseline"], self.comparison.stats["tuned"]
@@ -43,6 +46,11 @@ class BenchResult:
             if self.accuracy.passed
             else ("OUTPUTS OUTSIDE TOLERANCE: " + "; ".join(self.accuracy.failures[:2]))
         )
+        generation = [
+            f"  {label:<8} TTFT {stats.ttft_ms:.1f} ms, TPOT {stats.tpot_ms:.2f} ms, "
+            f"{stats.tokens_per_s:.1f} tokens/s ({stats.new_tokens} new tokens)"
+            for label, stats in self.generation.items()
+        ]
         return "\n".join(
             [
                 f"plan {self.plan.key[:12]}: {self.plan.backend} {self.plan.params}",
@@ -50,6 +58,7 @@ class BenchResult:
                 f"fp32 eager, {self.comparison.rounds} interleaved rounds",
                 f"  tuned    median {tuned.median_ms:.2f} ms, p90 {tuned.p90_ms:.2f} ms",
                 f"  baseline median {base.median_ms:.2f} ms, p90 {base.p90_ms:.2f} ms",
+                *generation,
                 f"accuracy: relative diff {self.accuracy.max_rel:.2e}, cosine "
                 f"{self.accuracy.min_cosine:.6f}, max abs {self.accuracy.max_abs:.2e}: {verdict}",
                 f"one-time cost: build {self.build_s:.2f} s, first call {self.first_call_s:.2f} s",
@@ -83,25 +92,34 @@ def bench(
     seconds: float = BENCH_SECONDS,
     cache_dir: str | Path | None = None,
 ) -> BenchResult:
-    workload = ForwardPass(normalize_inputs(example_inputs))
+    """Rebuild ``plan`` for ``model``, check its outputs and time it against fp32 eager on
+    the plan's workload (generate() for a generation plan), interleaved for ``seconds``."""
+    batches = normalize_inputs(example_inputs)
+    workload = WORKLOADS[plan.workload].restore(batches, plan.workload_settings)
     default_threads = torch.get_num_threads()
     started = time.perf_counter()
     tuned = apply_plan(model, plan, workload.batches, cache_dir=cache_dir)
     build_s = time.perf_counter() - started
+    references = workload.references(model)
     started = time.perf_counter()
     outputs = workload.run(tuned)
     first_call_s = time.perf_counter() - started
-    references = workload.references(model)
     accuracy = workload.compare(references, outputs, Tolerance(**plan.tolerance))
-    baseline = Runner(model, threads=default_threads)
+    runners = {"baseline": Runner(model, threads=default_threads), "tuned": tuned}
     try:
         comparison = interleaved(
-            {"baseline": workload.timed(baseline), "tuned": workload.timed(tuned)},
+            {label: workload.timed(runner) for label, runner in runners.items()},
             "baseline",
             min_rounds=15,
             max_rounds=400,
             max_time_s=seconds,
+            settle_calls=workload.settle_calls,
         )
+        generation = {
+            label: stats
+            for label, runner in runners.items()
+            if (stats := workload.generation_stats(runner)) is not None
+        }
     finally:
         torch.set_num_threads(default_threads)
-    return BenchResult(plan, comparison, accuracy, build_s, first_call_s)
+    return BenchResult(plan, comparison, accuracy, build_s, first_call_s, generation)

@@ -20,7 +20,7 @@ from autocpu.accuracy import AccuracyReport, Tolerance
 from autocpu.errors import one_line
 from autocpu.outputs import named_tensors
 from autocpu.plans import atomic_write
-from autocpu.workloads import ForwardPass, Workload
+from autocpu.workloads import WORKLOADS, Workload
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,14 @@ def save_canary(path: Path, workload: Workload, model: Callable[..., Any]) -> No
     probe = workload.probe()
     with torch.inference_mode():
         (outputs,) = probe.run(model)
+    kept = {
+        "inputs": probe.batches[0],
+        "outputs": named_tensors(outputs),
+        "workload": probe.name,
+        "settings": probe.settings(),
+    }
     buffer = io.BytesIO()
-    torch.save({"inputs": probe.batches[0], "outputs": named_tensors(outputs)}, buffer)
+    torch.save(kept, buffer)
     atomic_write(path, buffer.getvalue())
 
 
@@ -42,10 +48,20 @@ def check_canary(path: Path, model: Callable[..., Any], tolerance: Tolerance) ->
     """Run the kept probe through ``model``; a missing or unreadable canary fails the check."""
     try:
         kept = torch.load(path, weights_only=True)
-        probe, reference = ForwardPass([kept["inputs"]]), kept["outputs"]
+        kind = WORKLOADS[kept.get("workload", "forward")]
+        probe, reference = kind.restore([kept["inputs"]], kept.get("settings", {})), kept["outputs"]
+        probe.use_references([reference])
     except FileNotFoundError:
         return AccuracyReport(failures=[NO_CANARY])
-    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as error:
+    except (
+        OSError,
+        RuntimeError,
+        KeyError,
+        EOFError,
+        TypeError,
+        AttributeError,
+        pickle.UnpicklingError,
+    ) as error:
         return AccuracyReport(failures=[f"canary unreadable ({one_line(error, 80)})"])
     with torch.inference_mode():
         outputs = probe.run(model)

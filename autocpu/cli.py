@@ -69,6 +69,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from autocpu.models import load_model_dir
     from autocpu.options import from_cli
     from autocpu.progress_bar import TuneProgress
+    from autocpu.report import generation_summary
 
     console = _console(stderr=args.json)  # with --json, stdout holds the JSON alone
     if args.verbose:
@@ -94,6 +95,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"(IQR {plan.speedup_iqr[0]:.2f}-{plan.speedup_iqr[1]:.2f}) vs fp32 eager, "
         f"{_ms(plan.winner)} vs {_ms(plan.baseline)}"
     )
+    summary = generation_summary(plan)
+    if summary:
+        console.print(summary)
     return 0
 
 
@@ -244,14 +248,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # entry point ------------------------------------------------------------------------------------
 
 
-#: The inputs the CLI makes for a model directory (from its tokenizer, else its config).
-DEFAULT_BATCH_SIZE = 1
-DEFAULT_SEQ_LEN = 128
-
-
 def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    """The shape of the inputs the CLI makes (from the folder's tokenizer, else its config)."""
+    from autocpu.options import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    parser.add_argument(
+        "--seq-len",
+        "--prompt-len",
+        dest="seq_len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help="tokens per input (the prompt length for generation)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

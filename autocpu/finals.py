@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from autocpu.backends import get_backend
 from autocpu.errors import one_line
 from autocpu.measure import Comparison, LatencyStats, interleaved
-from autocpu.records import BASELINE, FAILED, INACCURATE, OK, TrialRecord
+from autocpu.records import BASELINE, FAILED, INACCURATE, OK, GenerationStats, TrialRecord
 
 if TYPE_CHECKING:
     from autocpu.trials import Executor, TrialRunner
@@ -42,6 +42,8 @@ class Finals:
     checked: list[TrialRecord]
     finalists: dict[str, TrialRecord]
     comparison: Comparison
+    #: Generation workloads: TTFT, TPOT and tokens/s per label, the baseline's included.
+    generation: dict[str, GenerationStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class SearchResult:
     speedup_iqr: tuple[float, float]
     decision: str
     records: list[TrialRecord]
+    baseline_generation: GenerationStats | None = None
+    winner_generation: GenerationStats | None = None
 
 
 def run_finals(runner: TrialRunner, candidates: list[TrialRecord]) -> Finals:
@@ -75,19 +79,28 @@ def run_finals(runner: TrialRunner, candidates: list[TrialRecord]) -> Finals:
             record.fail(INACCURATE, "; ".join(report.failures[:3]))
             continue
         finalists[f"candidate{len(finalists)}"] = record
-    timed = {BASELINE: runner.workload.timed(runner.baseline_runner())}
+    runners = {BASELINE: runner.baseline_runner()}
     for label, record in finalists.items():
-        built, _ = runner.runner(get_backend(record.backend), record.params)
-        timed[label] = runner.workload.timed(built)
+        runners[label], _ = runner.runner(get_backend(record.backend), record.params)
+    workload = runner.workload
+    timed = {label: workload.timed(built) for label, built in runners.items()}
     try:
         comparison = interleaved(
-            timed, BASELINE, settled=lambda so_far: not undecided(finalists, so_far)
+            timed,
+            BASELINE,
+            settle_calls=workload.settle_calls,
+            settled=lambda so_far: not undecided(finalists, so_far),
         )
+        generation = {
+            label: stats
+            for label, built in runners.items()
+            if (stats := workload.generation_stats(built)) is not None
+        }
     finally:
         torch.set_num_threads(runner.default_threads)
     for label, record in finalists.items():
         record.speedup = comparison.speedup[label]
-    return Finals(checked, finalists, comparison)
+    return Finals(checked, finalists, comparison, generation)
 
 
 def conclude(executor: Executor, baseline: TrialRecord, records: list[TrialRecord]) -> SearchResult:
@@ -107,6 +120,8 @@ def conclude(executor: Executor, baseline: TrialRecord, records: list[TrialRecor
         speedup_iqr=comparison.speedup_iqr[label],
         decision=decision,
         records=[baseline, *(updated.get(r.identity, r) for r in records)],
+        baseline_generation=finals.generation.get(BASELINE),
+        winner_generation=finals.generation.get(label),
     )
 
 

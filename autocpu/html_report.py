@@ -16,7 +16,7 @@ from typing import Any
 from autocpu import report_figures as figures
 from autocpu.errors import AutocpuError
 from autocpu.plans import Plan, atomic_write
-from autocpu.report import format_params, speedup_cell
+from autocpu.report import format_params, generation_summary, speedup_cell, workload_cell
 from autocpu.report_figures import REL_FLOOR, Row, pareto_front
 
 __all__ = ["pareto_front", "write_report"]
@@ -103,10 +103,12 @@ def _header(plan: Plan) -> str:
     pairs = [
         ("model", f"{plan.model.get('architecture', '?')} ({plan.task})"),
         ("inputs", _shapes(plan)),
+        ("workload", workload_cell(plan)),
         ("winner", f"{plan.backend} {format_params(plan.params)}"),
         ("speedup", f"{plan.speedup:.2f}x (IQR {low:.2f}-{high:.2f}) over the baseline"),
         ("winner median", f"{_num(plan.winner.median_ms if plan.winner else None)} ms"),
         ("baseline median", f"{_num(plan.baseline.median_ms if plan.baseline else None)} ms"),
+        *([("generation", summary)] if (summary := generation_summary(plan)) else []),
         ("tolerance", _tolerance(plan.tolerance)),
         ("tune time", f"{plan.tune_seconds:.1f} s, {plan.study_trials} study trials"),
         ("measured in", plan.measured_in),

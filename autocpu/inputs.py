@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from autocpu.errors import AutocpuError
+from autocpu.options import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
 Batch = dict[str, Any]
 
@@ -107,6 +108,20 @@ def synthesize_from_signature(inputs: list[dict[str, Any]]) -> list[Batch]:
     return batches
 
 
+def typical_inputs(model: Any, reserve: int = 0) -> list[Batch]:
+    """Inputs for a model given without any: one row of DEFAULT_SEQ_LEN valid token ids and a
+    full mask (fewer tokens when the model's context, less ``reserve`` tokens to generate, is
+    shorter), or one image for a vision model."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    length = DEFAULT_SEQ_LEN
+    if isinstance(context, int) and context > 0:
+        length = max(1, min(length, context - reserve))
+    return [synthesize_inputs(None, config, DEFAULT_BATCH_SIZE, length)]
+
+
 def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_len: int) -> Batch:
     """Inputs for a model directory: from its tokenizer when it has one, else from the config."""
     if batch_size < 1 or seq_len < 1:
@@ -128,8 +143,12 @@ def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_l
                 return_tensors="pt",
             )
         )
-    vocab = int(getattr(config, "vocab_size", 1000) or 1000)
     generator = torch.Generator().manual_seed(0)
+    if getattr(config, "image_size", None) and not getattr(config, "vocab_size", None):
+        size, channels = int(config.image_size), int(getattr(config, "num_channels", 3))
+        shape = (batch_size, channels, size, size)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+    vocab = int(getattr(config, "vocab_size", 1000) or 1000)
     batch: Batch = {
         "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator),
         "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
@@ -144,5 +163,5 @@ def _load_tokenizer(model_dir: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # a Llama folder without one: None
         return None

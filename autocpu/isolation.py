@@ -261,8 +261,9 @@ def _trial_runner(job: WorkerJob) -> Any:
     model_class = getattr(transformers, job.model_class)
     model = model_class.from_pretrained(job.model_dir, attn_implementation=job.attention).eval()
     resident(model)
-    spec = ModelSpec(model=model, task=job.task, fingerprint=job.fingerprint)
-    ctx = BuildContext(probe(), job.workload.batches, Path(job.artifact_dir))
+    spec = ModelSpec(model, job.task, job.fingerprint, workload=job.workload.name)
+    new_tokens = job.workload.settings().get("max_new_tokens")
+    ctx = BuildContext(probe(), job.workload.batches, Path(job.artifact_dir), new_tokens)
     return TrialRunner(spec, job.workload, job.references, job.tolerance, ctx)
 
 

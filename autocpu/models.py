@@ -73,6 +73,9 @@ class ModelSpec:
     model: torch.nn.Module
     task: str
     fingerprint: dict[str, str]
+    #: The workload being tuned ("forward", "generate"): backends offer generation knobs, and
+    #: say when they cannot generate, only for "generate".
+    workload: str = "forward"
 
     @property
     def model_type(self) -> str:

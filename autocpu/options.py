@@ -30,6 +30,14 @@ SEARCH_STRATEGIES = ("tpe", "exhaustive")
 ISOLATION_MODES = ("process", "none")
 #: How long ``bench()`` and ``autocpu bench`` alternate a plan and fp32 eager.
 BENCH_SECONDS = 20.0
+#: What a tune measures: one forward pass per example batch, or greedy generate() from each
+#: (the default for text-generation models; see autocpu.workloads).
+WORKLOAD_NAMES = ("forward", "generate")
+#: New tokens per prompt the generation workload generates.
+DEFAULT_MAX_NEW_TOKENS = 64
+#: The inputs made when none are given (``tune(model)``, the CLI): one row of a typical length.
+DEFAULT_BATCH_SIZE = 1
+DEFAULT_SEQ_LEN = 128
 
 
 _FIXES = {
@@ -105,6 +113,22 @@ class TuneOptions:
             "e.g. feature-extraction, text-classification (default: from config.architectures)"
         ),
     )
+    workload: str | None = field(
+        default=None,
+        metadata=_flag(
+            "forward: one forward pass per batch; generate: greedy generate() (default for "
+            "text-generation models)",
+            choices=WORKLOAD_NAMES,
+        ),
+    )
+    max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metadata=_flag(
+            "new tokens per prompt the generation workload generates (EOS ignored)",
+            type=int,
+            metavar="N",
+        ),
+    )
     isolation: str = field(
         default="process",
         metadata=_flag(
@@ -143,6 +167,20 @@ class TuneOptions:
             value = getattr(self, name)
             if value is not None and not _is_positive(value):
                 found.append((f"{name}={value!r} is not a positive number", _FIXES[name]))
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            found.append(
+                (
+                    f"max_new_tokens={self.max_new_tokens!r} is not a whole number >= 1",
+                    "pass e.g. 64",
+                )
+            )
+        if self.workload is not None and self.workload not in WORKLOAD_NAMES:
+            found.append(
+                (
+                    f"workload={self.workload!r} is not known",
+                    "use 'generate' (greedy generate()) or 'forward' (one forward pass)",
+                )
+            )
         if self.isolation not in ISOLATION_MODES:
             found.append(
                 (
@@ -171,6 +209,12 @@ class TuneOptions:
                 )
             )
         return found
+
+    def workload_for(self, task: str) -> str:
+        """The workload to tune: as given, else generation for text-generation models."""
+        if self.workload is not None:
+            return self.workload
+        return "generate" if task == "text-generation" else "forward"
 
     @property
     def budget(self) -> tuple[int | None, float | None]:

@@ -30,7 +30,7 @@ from filelock import FileLock
 from autocpu.errors import AutocpuError, AutocpuWarning, one_line
 from autocpu.hashing import stable_hash
 from autocpu.measure import LatencyStats
-from autocpu.records import AccuracyReport, TrialRecord, checked_fields
+from autocpu.records import AccuracyReport, GenerationStats, TrialRecord, checked_fields
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,13 @@ def plan_key(
     tolerance: dict[str, Any],
     backends: list[str] | None,
     search: str = "tpe",
+    workload: dict[str, Any] | None = None,
 ) -> str:
     """What a plan is valid for. Versions are checked on load instead, to say what changed.
 
     An exhaustive search gets keys of its own, so asking for the sweep never returns a
-    sampled plan; a TPE search adds nothing to the identity."""
+    sampled plan; a TPE search adds nothing to the identity. Likewise ``workload`` (its name
+    and settings) counts unless it is the forward pass, which adds nothing."""
     identity = {
         "model": model,
         "inputs": inputs,
@@ -85,6 +87,8 @@ def plan_key(
     }
     if search != "tpe":
         identity["search"] = search
+    if workload and workload.get("name", "forward") != "forward":
+        identity["workload"] = workload
     return stable_hash(identity, 20)
 
 
@@ -102,12 +106,16 @@ class Plan:
     tolerance: dict[str, Any]
     versions: dict[str, str]
     backends: list[str] | None = None
-    #: What was measured (see autocpu.workloads).
+    #: What was measured (see autocpu.workloads), and its settings (max_new_tokens).
     workload: str = "forward"
+    workload_settings: dict[str, Any] = field(default_factory=dict)
     baseline: LatencyStats | None = None
     winner: LatencyStats | None = None
     speedup: float = 1.0
     speedup_iqr: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    #: Generation plans: TTFT, TPOT and tokens/s of fp32 eager and of the winner.
+    baseline_generation: GenerationStats | None = None
+    winner_generation: GenerationStats | None = None
     accuracy: AccuracyReport | None = None
     one_time_costs: dict[str, float] = field(default_factory=dict)
     decision: str = ""
@@ -144,6 +152,9 @@ class Plan:
             values[name] = LatencyStats(**checked_fields(LatencyStats, stats)) if stats else None
         accuracy = values.get("accuracy")
         values["accuracy"] = AccuracyReport.from_dict(accuracy) if accuracy else None
+        for name in ("baseline_generation", "winner_generation"):
+            stats = values.get(name)
+            values[name] = GenerationStats.from_dict(stats) if stats else None
         values["trials"] = [TrialRecord.from_dict(t) for t in values.get("trials", [])]
         return cls(**values)
 

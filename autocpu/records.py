@@ -29,6 +29,10 @@ class AccuracyReport:
     max_rel: float = 0.0
     min_cosine: float = 1.0
     min_argmax: float | None = None
+    #: Generation: the fraction of greedy tokens identical to fp32 eager's, and the shortest
+    #: identical prefix over the rows (None for other workloads).
+    same_tokens: float | None = None
+    same_prefix: int | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -46,11 +50,50 @@ class AccuracyReport:
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
         self.min_cosine = min(self.min_cosine, other.min_cosine)
-        if other.min_argmax is not None:
-            self.min_argmax = min(
-                self.min_argmax if self.min_argmax is not None else 1.0, other.min_argmax
-            )
+        self.min_argmax = _lowest(self.min_argmax, other.min_argmax)
+        self.same_tokens = _lowest(self.same_tokens, other.same_tokens)
+        self.same_prefix = _lowest(self.same_prefix, other.same_prefix)
         self.failures.extend(other.failures)
+
+
+def _lowest(mine: Any, theirs: Any) -> Any:
+    """The lower of two optional numbers (None: not measured)."""
+    if theirs is None:
+        return mine
+    return theirs if mine is None else min(mine, theirs)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What someone generating text waits for, from ``generate()`` calls over the example
+    prompts with ``new_tokens`` new tokens each.
+
+    ``ttft_ms``: until the first new token (the prefill). ``tpot_ms``: each further decode step,
+    the rest of the call over ``new_tokens - 1``. ``tokens_per_s``: decode tokens per second over
+    every prompt row, the decode steps only.
+    """
+
+    new_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    tokens_per_s: float
+
+    @classmethod
+    def from_times(
+        cls, new_tokens: int, rows: int, first_token_s: float, decode_s: float
+    ) -> GenerationStats:
+        steps = max(new_tokens - 1, 1)
+        decode_s = max(decode_s, 1e-9)
+        return cls(
+            new_tokens=new_tokens,
+            ttft_ms=first_token_s * 1000.0,
+            tpot_ms=decode_s * 1000.0 / steps,
+            tokens_per_s=rows * steps / decode_s,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationStats:
+        return cls(**checked_fields(cls, data))
 
 
 @dataclass
@@ -69,6 +112,8 @@ class TrialRecord:
     #: Measured interleaved against the baseline in the finals; None for the others.
     speedup: float | None = None
     worker: str = ""
+    #: Generation workloads: TTFT, TPOT and tokens/s of this candidate.
+    generation: GenerationStats | None = None
 
     @property
     def median_ms(self) -> float:
@@ -106,6 +151,8 @@ class TrialRecord:
             values["latency"] = LatencyStats(**checked_fields(LatencyStats, values["latency"]))
         if values.get("accuracy") is not None:
             values["accuracy"] = AccuracyReport.from_dict(values["accuracy"])
+        if values.get("generation") is not None:
+            values["generation"] = GenerationStats.from_dict(values["generation"])
         return cls(**values)
 
 

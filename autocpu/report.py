@@ -10,7 +10,7 @@ from rich.table import Table
 
 from autocpu.measure import LatencyStats
 from autocpu.plans import Plan
-from autocpu.records import BASELINE, OK, AccuracyReport, TrialRecord
+from autocpu.records import BASELINE, OK, AccuracyReport, GenerationStats, TrialRecord
 
 
 def render(table: Table, width: int = 160) -> str:
@@ -29,7 +29,33 @@ def accuracy_cell(accuracy: AccuracyReport | None) -> str:
     cell = f"rel {accuracy.max_rel:.1e} cos {accuracy.min_cosine:.5f}"
     if accuracy.min_argmax is not None:
         cell += f" argmax {accuracy.min_argmax:.3f}"
+    if accuracy.same_tokens is not None:
+        cell += f" tokens {accuracy.same_tokens:.0%}"
     return cell
+
+
+def generation_cells(stats: GenerationStats | None) -> tuple[str, str]:
+    """TTFT and decode tokens/s, as table cells."""
+    if stats is None:
+        return "-", "-"
+    return f"{stats.ttft_ms:.1f}", f"{stats.tokens_per_s:.1f}"
+
+
+def generation_summary(plan: Plan) -> str | None:
+    """One line of what a generation plan delivers, fp32 eager first; None for other plans."""
+    base, won = plan.baseline_generation, plan.winner_generation
+    if plan.workload != "generate" or base is None or won is None:
+        return None
+    return (
+        f"generate() of {won.new_tokens} new tokens: fp32 eager {base.tokens_per_s:.1f} tokens/s "
+        f"(TTFT {base.ttft_ms:.0f} ms, TPOT {base.tpot_ms:.1f} ms), {plan.backend} "
+        f"{won.tokens_per_s:.1f} tokens/s (TTFT {won.ttft_ms:.0f} ms, TPOT {won.tpot_ms:.1f} ms)"
+    )
+
+
+def workload_cell(plan: Plan) -> str:
+    tokens = plan.workload_settings.get("max_new_tokens")
+    return f"{plan.workload} {tokens}" if tokens else plan.workload
 
 
 def speedup_cell(trial: TrialRecord, baseline: LatencyStats | None) -> str:
@@ -62,18 +88,14 @@ def explain_table(plan: Plan) -> str:
         f"{tol.get('min_cosine')}, argmax >= {tol.get('min_argmax')}; speedups measured "
         f"interleaved against the baseline, ~ marks a separate measurement; {plan.measured_in}"
     )
+    generates = plan.workload == "generate"
+    summary = generation_summary(plan)
+    if summary:
+        caption = f"{summary}; {caption}"
     table = Table(title=f"autocpu plan {plan.key[:12]}", caption=caption, show_lines=False)
-    for column in (
-        "backend",
-        "settings",
-        "median ms",
-        "IQR ms",
-        "p90 ms",
-        "speedup",
-        "accuracy",
-        "one-time s",
-        "outcome",
-    ):
+    columns = ["backend", "settings", "median ms", "IQR ms", "p90 ms", "speedup"]
+    columns += ["TTFT ms", "tokens/s"] if generates else []
+    for column in [*columns, "accuracy", "one-time s", "outcome"]:
         table.add_column(column, overflow="fold")
     winner = plan.winning_trial
     for trial in plan.ranked_trials():
@@ -86,6 +108,7 @@ def explain_table(plan: Plan) -> str:
             f"{latency.iqr_ms:.2f}" if latency else "-",
             f"{latency.p90_ms:.2f}" if latency else "-",
             speedup_cell(trial, plan.baseline),
+            *(generation_cells(trial.generation) if generates else ()),
             accuracy_cell(trial.accuracy),
             f"{one_time:.1f}" if one_time is not None else "-",
             outcome(plan, trial, winner),
@@ -95,7 +118,8 @@ def explain_table(plan: Plan) -> str:
 
 def plans_table(plans: list[Plan], title: str = "cached plans") -> str:
     table = Table(title=title)
-    for column in ("key", "model", "task", "inputs", "backend", "speedup", "tolerance", "created"):
+    columns = ("key", "model", "task", "workload", "inputs", "backend", "speedup", "tolerance")
+    for column in (*columns, "created"):
         table.add_column(column, overflow="fold")
     for plan in plans:
         shapes = ", ".join(
@@ -108,6 +132,7 @@ def plans_table(plans: list[Plan], title: str = "cached plans") -> str:
             plan.key[:12],
             plan.model.get("architecture", "?"),
             plan.task,
+            workload_cell(plan),
             f"{shapes} ({len(plan.inputs)} batch)" if shapes else f"{len(plan.inputs)} batch",
             f"{plan.backend} {format_params(plan.params)}",
             f"{plan.speedup:.2f}x",

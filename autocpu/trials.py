@@ -99,6 +99,8 @@ class TrialRunner:
             record.status = OK
             if record.latency.stopped_early:
                 record.reason = f"stopped early: over {give_up_above_ms:.1f} ms"
+            else:
+                record.generation = self.workload.generation_stats(runner)
         except Exception as error:  # a backend that crashes must not end the search
             log.debug("trial %s failed:\n%s", record.backend, traceback.format_exc())
             record.fail(FAILED, one_line(error))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from autocpu.plans import Plan, PlanCache
 from autocpu.report import explain_table
 from autocpu.workloads import Workload
 
+log = logging.getLogger(__name__)
+
 #: Where a tuned model's plan came from, as ``TunedModel.source`` says it.
 SOURCES = {"search": "new plan", "cache": "cached plan", "tuning_db": "shipped plan"}
 
@@ -23,9 +26,11 @@ SOURCES = {"search": "new plan", "cache": "cached plan", "tuning_db": "shipped p
 class TunedModel(torch.nn.Module):
     """Callable like the original model (same keyword inputs, same output type).
 
-    Attributes it does not define (``config``, ``generate``, ``device``, ...) come from the
-    original model, so it also works where the original did, e.g. in ``transformers.pipeline``.
-    ``generate()`` runs on the original model's modules unless the plan's backend provides it.
+    Attributes it does not define (``config``, ``generation_config``, ``device``, ...) come
+    from the original model, so it also works where the original did, e.g. in
+    ``transformers.pipeline``. ``generate()`` (pipelines and streamers included) runs on the
+    plan's engine with its KV cache; only a plan whose engine cannot generate (a traced graph)
+    leaves it to the original model.
     """
 
     def __init__(self, model: torch.nn.Module, runner: Any, plan: Plan, *, source: str):
@@ -46,6 +51,12 @@ class TunedModel(torch.nn.Module):
         if args:
             kwargs.update(zip(self._arg_names, args, strict=False))
         return self.runner(**kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.runner, "can_generate", False):
+            return self.runner.generate(*args, **kwargs)
+        log.debug("plan %s cannot generate: generate() runs on the original model", self.plan.key)
+        return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -90,7 +101,12 @@ def build_tuned(
 ) -> TunedModel:
     """Rebuild a plan's winner for ``spec`` (no search, no measurement)."""
     backend = get_backend(plan.backend)
-    ctx = BuildContext(probe(), workload.batches, cache.artifacts_dir(spec.fingerprint_id))
+    ctx = BuildContext(
+        probe(),
+        workload.batches,
+        cache.artifacts_dir(spec.fingerprint_id),
+        workload.settings().get("max_new_tokens"),
+    )
     with quiet_build_logs():
         runner = backend.bind(backend.build(spec, plan.params, ctx), plan.params)
     return wrap(spec.model, runner, plan, source=source)

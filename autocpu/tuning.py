@@ -22,7 +22,7 @@ from autocpu.canary import save_canary, why_stale
 from autocpu.errors import AutocpuWarning, one_line
 from autocpu.finals import SearchResult, conclude
 from autocpu.hardware import probe
-from autocpu.inputs import normalize_inputs
+from autocpu.inputs import normalize_inputs, typical_inputs
 from autocpu.isolation import choose_executor
 from autocpu.measure import busy_percent
 from autocpu.models import ModelSpec, make_spec
@@ -33,7 +33,7 @@ from autocpu.search import Budget, Search
 from autocpu.storage import study_for
 from autocpu.trials import TrialRunner
 from autocpu.tuned import TunedModel, build_tuned, wrap
-from autocpu.workloads import ForwardPass
+from autocpu.workloads import WORKLOADS, Generation, Workload
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class Tuning:
         self.options = options
         self.backends = _selected(options.backends)
         self.spec = make_spec(model, options.task)
-        self.workload = ForwardPass(normalize_inputs(example_inputs))
+        self.spec.workload = options.workload_for(self.spec.task)
+        self.workload = _workload(self.spec.workload, self._batches(example_inputs), options)
         self.hw = probe()
         self.cache = PlanCache(Path(options.cache_dir) if options.cache_dir else None)
         self.key = plan_key(
@@ -63,7 +64,23 @@ class Tuning:
             options.tolerance.to_dict(),
             options.backends,
             options.search,
+            {"name": self.workload.name, **self.workload.settings()},
         )
+
+    def _batches(self, example_inputs: Any) -> list[dict[str, Any]]:
+        """The user's inputs, or typical ones made from the config (with a warning)."""
+        if example_inputs is not None:
+            return normalize_inputs(example_inputs)
+        reserve = self.options.max_new_tokens if self.spec.workload == Generation.name else 0
+        batches = typical_inputs(self.spec.model, reserve)
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batches[0].items())
+        warnings.warn(
+            f"no example_inputs: tuning on made-up inputs ({shapes}); pass the inputs you "
+            "serve (e.g. tokenizer(texts, return_tensors='pt')) for a plan of their shapes",
+            AutocpuWarning,
+            stacklevel=4,
+        )
+        return batches
 
     def run(self) -> TunedModel:
         return (self.options.cache and self.reuse()) or self.search()
@@ -114,9 +131,11 @@ class Tuning:
         tolerance = self.options.tolerance
         references = self.workload.references(self.spec.model)
         busy = busy_percent()
-        eligible, skipped = _eligibility(self.backends, self.spec, self.hw)
+        named = self.options.backends is not None
+        eligible, skipped = _eligibility(self.backends, self.spec, self.hw, named)
         artifacts = self.cache.artifacts_dir(self.spec.fingerprint_id)
-        ctx = BuildContext(self.hw, self.workload.batches, artifacts)
+        new_tokens = self.workload.settings().get("max_new_tokens")
+        ctx = BuildContext(self.hw, self.workload.batches, artifacts, new_tokens)
         trial_runner = TrialRunner(self.spec, self.workload, references, tolerance, ctx)
         executor = choose_executor(trial_runner, self.options)
         versions = current_versions(sorted({p for b in all_backends() for p in b.requires}))
@@ -176,10 +195,13 @@ def _plan_of(
         versions=versions,
         backends=tuning.options.backends,
         workload=tuning.workload.name,
+        workload_settings=tuning.workload.settings(),
         baseline=result.baseline,
         winner=result.winner_stats,
         speedup=result.speedup,
         speedup_iqr=list(result.speedup_iqr),
+        baseline_generation=result.baseline_generation,
+        winner_generation=result.winner_generation,
         accuracy=winner.accuracy,
         one_time_costs={
             "build_s": winner.build_s or 0.0,
@@ -195,17 +217,25 @@ def _plan_of(
     )
 
 
+def _workload(name: str, batches: list[dict[str, Any]], options: TuneOptions) -> Workload:
+    """The workload ``name`` over the example batches, with the options that shape it."""
+    if name == Generation.name:
+        return Generation(batches, options.max_new_tokens)
+    return WORKLOADS[name](batches)
+
+
 def _selected(names: list[str] | None) -> list[Backend]:
     return [get_backend(name) for name in names] if names else all_backends()
 
 
 def _eligibility(
-    backends: list[Backend], spec: ModelSpec, hw: Any
+    backends: list[Backend], spec: ModelSpec, hw: Any, named: bool
 ) -> tuple[list[Backend], list[TrialRecord]]:
-    """The backends that can run this model here, and a record for each that cannot."""
+    """The backends that can run this model here, and a record for each that cannot
+    (``named``: the user chose the backends by name)."""
     eligible, skipped = [], []
     for backend in backends:
-        available = backend.availability(spec, hw)
+        available = backend.eligibility(spec, hw, named=named)
         if available.ok:
             eligible.append(backend)
         else:

@@ -3,24 +3,34 @@
 A workload says how to call a runner (the user's model or a built candidate) on the example
 inputs, which outputs the accuracy gate compares, how the second-length check is made and which
 small probe a plan keeps as its canary. The search, the finals, the worker processes and the
-plan take a workload instead of knowing what a call is. One forward pass over every example
-batch is the workload of every model today.
+plan take a workload instead of knowing what a call is.
+
+Two workloads: one forward pass over every example batch (:class:`ForwardPass`), and greedy
+``generate()`` of a fixed number of new tokens from every example prompt (:class:`Generation`),
+what serving a causal LM waits for: there the decode loop, one token at a time over the KV
+cache, dominates, and engines differ far more than on one forward pass over the prompt.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
-from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches
+from autocpu.accuracy import AccuracyReport, Tolerance, compare_batches, compare_generated
 from autocpu.errors import AutocpuError, one_line
-from autocpu.inputs import Batch, at_sequence_length, second_length, signature
+from autocpu.inputs import Batch, at_sequence_length, second_length, sequence_length, signature
+from autocpu.options import DEFAULT_MAX_NEW_TOKENS, WORKLOAD_NAMES
+from autocpu.records import GenerationStats
 
 #: Rows of the first example batch kept as the canary's probe (shapes stay those tuned on).
 PROBE_ROWS = 2
+#: New tokens the canary of a generation plan generates (enough to run the cached decode path).
+PROBE_NEW_TOKENS = 4
 
 
 class Workload(ABC):
@@ -28,9 +38,29 @@ class Workload(ABC):
 
     #: Recorded in the plan: the workload its latencies and accuracy refer to.
     name: ClassVar[str]
+    #: Untimed calls before each timed one when runtimes take turns (see measure.interleaved).
+    settle_calls: ClassVar[int] = 1
 
     def __init__(self, batches: list[Batch]) -> None:
         self.batches = batches
+
+    def settings(self) -> dict[str, Any]:
+        """What besides the inputs decides the measurement (part of the plan key when set)."""
+        return {}
+
+    @classmethod
+    def restore(cls, batches: list[Batch], settings: dict[str, Any]) -> Workload:
+        """The workload :meth:`settings` describes, on ``batches`` (canaries, plans)."""
+        return cls(batches, **settings)
+
+    def use_references(self, references: list[Any]) -> None:
+        """Take ``references`` (fp32 eager outputs made elsewhere: a canary's) as the outputs
+        :meth:`run` and :meth:`compare` work against (a forward pass needs nothing of them)."""
+        return None
+
+    def generation_stats(self, runner: Callable[..., Any]) -> Any:
+        """TTFT, TPOT and tokens/s of ``runner`` (None for workloads that generate nothing)."""
+        return None
 
     @abstractmethod
     def run(self, runner: Callable[..., Any]) -> list[Any]:
@@ -94,9 +124,186 @@ class ForwardPass(Workload):
         return ForwardPass([at_sequence_length(batch, length) for batch, length in pairs])
 
     def probe(self) -> ForwardPass:
-        first = self.batches[0]
-        rows = {k: v[:PROBE_ROWS].clone() for k, v in first.items() if isinstance(v, torch.Tensor)}
-        return ForwardPass([rows])
+        return ForwardPass([_first_rows(self.batches[0])])
 
 
-WORKLOADS: dict[str, type[Workload]] = {ForwardPass.name: ForwardPass}
+def _first_rows(batch: Batch) -> Batch:
+    return {k: v[:PROBE_ROWS].clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+class _FirstTokenClock:
+    """A streamer that notes when generate() hands over its first new token (the prompt comes
+    first, then one call per step), so TTFT comes from the same call that is timed whole."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.puts = 0
+        self.first_token_s: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_s = time.perf_counter() - self.started
+
+    def end(self) -> None:
+        pass
+
+
+class Generation(Workload):
+    """Greedy ``generate()`` of ``max_new_tokens`` tokens (EOS ignored) from every prompt batch.
+
+    The clock times :meth:`timed`: one ``generate()`` per batch, the KV cache on. :meth:`run`
+    also makes the teacher-forced forward the accuracy gate compares: the runner's logits along
+    the fp32 eager greedy sequences (``targets``, set by :meth:`references`), so that one token
+    that differs does not leave every later position without a comparable logit.
+    """
+
+    name: ClassVar[str] = "generate"
+    #: A call runs for seconds, hundreds of decode steps: what the previous runtime's spinning
+    #: threads cost its first milliseconds is noise there, and a settle call would double the
+    #: finals' time.
+    settle_calls: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        batches: list[Batch],
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        targets: list[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(batches)
+        self.max_new_tokens = max_new_tokens
+        #: The fp32 eager greedy sequences, prompt included, one tensor per batch.
+        self.targets = targets
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens}
+
+    def generate(self, runner: Any, batch: Batch, **extra: Any) -> torch.Tensor:
+        """One greedy ``generate()`` of exactly ``max_new_tokens`` new tokens."""
+        config = getattr(runner, "generation_config", None)
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            eos = getattr(config, "eos_token_id", None)
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        return runner.generate(
+            **batch,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad,
+            **extra,
+        )
+
+    def timed(self, runner: Callable[..., Any]) -> Callable[[], object]:
+        return lambda: [self.generate(runner, batch) for batch in self.batches]
+
+    @torch.inference_mode()
+    def run(self, runner: Callable[..., Any]) -> list[Any]:
+        outputs = []
+        for index, batch in enumerate(self.batches):
+            sequences = self.generate(runner, batch)
+            forced = self.targets[index] if self.targets is not None else sequences
+            logits = runner(**_teacher_forced(batch, forced)).logits
+            outputs.append({"sequences": sequences, "logits": logits})
+        return outputs
+
+    def compare(
+        self, references: list[Any], outputs: list[Any], tolerance: Tolerance
+    ) -> AccuracyReport:
+        total = AccuracyReport()
+        for batch, reference, output in zip(self.batches, references, outputs, strict=True):
+            mask = _full_mask(batch, reference["sequences"])
+            length = sequence_length(batch) or 0
+            total.merge(compare_generated(reference, output, tolerance, length, mask))
+        return total
+
+    def references(self, model: torch.nn.Module) -> list[Any]:
+        self._check_fits(model)
+        references = super().references(model)
+        self.use_references(references)
+        return references
+
+    def use_references(self, references: list[Any]) -> None:
+        self.targets = [reference["sequences"] for reference in references]
+
+    def _check_fits(self, model: torch.nn.Module) -> None:
+        """One line for a model that cannot generate, or prompts its context cannot hold."""
+        require_generate(model, "cannot be tuned for generation")
+        config = getattr(model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        prompt = max(sequence_length(batch) or 0 for batch in self.batches)
+        if context and prompt + self.max_new_tokens > context:
+            raise AutocpuError(
+                f"prompts of {prompt} tokens plus max_new_tokens={self.max_new_tokens} exceed "
+                f"the model's context of {context} tokens",
+                "pass shorter prompts or a smaller max_new_tokens",
+            )
+
+    def at_second_length(self) -> Generation | None:
+        lengths = [second_length(batch) for batch in self.batches]
+        if any(length is None for length in lengths):
+            return None
+        pairs = zip(self.batches, lengths, strict=True)
+        return Generation([at_sequence_length(b, n) for b, n in pairs], self.max_new_tokens)
+
+    def probe(self) -> Generation:
+        new_tokens = min(self.max_new_tokens, PROBE_NEW_TOKENS)
+        return Generation([_first_rows(self.batches[0])], new_tokens)
+
+    def generation_stats(self, runner: Callable[..., Any]) -> GenerationStats:
+        """TTFT and decode speed from three generate() calls per batch, each timed whole and
+        at its first token (a streamer notes it), so both come from the same calls."""
+        first_token_s, decode_s = [], []
+        for _ in range(3):
+            first, total = 0.0, 0.0
+            for batch in self.batches:
+                clock = _FirstTokenClock()
+                self.generate(runner, batch, streamer=clock)
+                first += clock.first_token_s or 0.0
+                total += time.perf_counter() - clock.started
+            first_token_s.append(first)
+            decode_s.append(total - first)
+        rows = sum(int(batch["input_ids"].shape[0]) for batch in self.batches)
+        return GenerationStats.from_times(
+            self.max_new_tokens, rows, statistics.median(first_token_s), statistics.median(decode_s)
+        )
+
+
+def require_generate(model: Any, consequence: str) -> None:
+    """Raise one line when ``model`` has no ``generate()`` (transformers' ``can_generate``)."""
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        raise AutocpuError(
+            f"{type(model).__name__} has no generate(), so it {consequence}",
+            "pass a causal LM (AutoModelForCausalLM), or workload='forward'",
+        )
+
+
+def _teacher_forced(batch: Batch, sequences: torch.Tensor) -> Batch:
+    """The forward inputs that score ``sequences`` (prompt and continuation) in one pass.
+
+    Left-padded rows get the positions generate() gave them (counted from their first real
+    token): engines derive positions from the mask differently when none are given.
+    """
+    mask = _full_mask(batch, sequences)
+    inputs = {"input_ids": sequences, "attention_mask": mask}
+    if not bool(mask.all()):
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+def _full_mask(batch: Batch, sequences: torch.Tensor) -> torch.Tensor:
+    """The prompt's attention mask extended over the generated tokens."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(sequences)
+    extra = sequences.shape[-1] - mask.shape[-1]
+    return torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=-1)
+
+
+WORKLOADS: dict[str, type[Workload]] = {ForwardPass.name: ForwardPass, Generation.name: Generation}
+assert tuple(WORKLOADS) == WORKLOAD_NAMES  # the options name them without importing torch

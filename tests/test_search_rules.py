@@ -20,6 +20,7 @@ from autocpu.measure import LatencyStats
 from autocpu.models import make_spec
 from autocpu.records import INACCURATE, OK, AccuracyReport, TrialRecord
 from autocpu.search import Budget, Search, make_sampler
+from autocpu.workloads import ForwardPass
 
 BASELINE_MS = 10.0
 #: The fake baseline's backend name (the real one is eager, which these tests leave out).
@@ -60,8 +61,11 @@ class FakeClock:
         return self.now
 
 
-class FakeWorkload:
+class FakeWorkload(ForwardPass):
+    """A forward pass whose calls only move the fake clock."""
+
     def __init__(self, clock: FakeClock, seconds: Callable[[Any], float]) -> None:
+        super().__init__([])
         self.clock, self.seconds = clock, seconds
 
     def timed(self, runner: Any) -> Callable[[], None]:

@@ -82,7 +82,7 @@ def test_a_shipped_plan_without_its_canary_is_used_and_makes_one(tmp_path, cache
     """GPT-2's plans ship without their canaries (24-49 MiB of logits): the first use makes
     the canary from the model as given, instead of re-tuning."""
     model, inputs = tiny_model("gpt2", head="AutoModelForCausalLM"), tiny_inputs("gpt2")
-    shipped = tune_here(model, inputs, n_trials=3, backends=FAST)
+    shipped = tune_here(model, inputs, n_trials=3, backends=FAST, workload="forward")
     db = tmp_path / "tuning_db"
     db.mkdir()
     export_bundle(PlanCache(), [], db / "tiny-gpt2.json")
@@ -93,7 +93,13 @@ def test_a_shipped_plan_without_its_canary_is_used_and_makes_one(tmp_path, cache
     fresh = PlanCache(tmp_path / "fresh-cache")
     calls = []
     used = tune_here(
-        model, inputs, n_trials=3, backends=FAST, cache_dir=fresh.root, progress=calls.append
+        model,
+        inputs,
+        n_trials=3,
+        backends=FAST,
+        cache_dir=fresh.root,
+        progress=calls.append,
+        workload="forward",
     )
     assert used.source == "tuning_db" and calls == []
     made = fresh.canary_path(shipped.plan.key)

@@ -60,24 +60,50 @@ class BuildContext:
     hw: CpuInfo
     example_inputs: list[dict[str, Any]]
     artifact_dir: Path
+    #: The generation workload's new tokens per prompt (None for other workloads): builds that
+    #: size buffers by length, such as a static KV cache, size them for it.
+    max_new_tokens: int | None = None
 
 
 class Runner:
     """A built candidate, callable exactly like the model (same kwargs, same output type).
 
     ``threads`` is applied before each call, only when it differs from torch's current setting,
-    so a tuned model keeps its thread count even if other code changes torch's.
+    so a tuned model keeps its thread count even if other code changes torch's. A candidate
+    that generates (an engine with a KV cache) serves :meth:`generate` on the same engine.
     """
 
     def __init__(self, fn: Callable[..., Any], *, threads: int | None = None) -> None:
         self.fn = fn
         self.threads = threads
 
-    def __call__(self, **inputs: Any) -> Any:
+    def _use_threads(self) -> None:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+
+    def __call__(self, **inputs: Any) -> Any:
+        self._use_threads()
         with torch.inference_mode():
             return self.fn(**inputs)
+
+    @property
+    def can_generate(self) -> bool:
+        return callable(getattr(self.fn, "generate", None))
+
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.fn, "generation_config", None)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate()`` on this candidate's engine (transformers' arguments, its output)."""
+        if not self.can_generate:
+            raise AutocpuError(
+                f"this candidate ({type(self.fn).__name__}) cannot generate",
+                "tune with workload='generate' to get a plan that serves generate()",
+            )
+        self._use_threads()
+        with torch.inference_mode():
+            return self.fn.generate(*args, **kwargs)
 
 
 class Backend(ABC):
@@ -95,10 +121,24 @@ class Backend(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: The pip extra that installs what this backend needs.
     extra: ClassVar[str | None] = None
+    #: Why this backend cannot serve the generation workload; empty when it can.
+    cannot_generate: ClassVar[str] = ""
+    #: Why a generation tune tries this backend only when it is asked for by name (a cost far
+    #: above its measured gain); empty when it is tried by default.
+    generation_opt_in: ClassVar[str] = ""
 
     @abstractmethod
     def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
         """Can this backend run here, for this model (``spec`` None: for any model)?"""
+
+    def eligibility(self, spec: ModelSpec, hw: CpuInfo, *, named: bool) -> Availability:
+        """Can this backend run here, for this model and the workload being tuned?
+        ``named``: the user listed it in ``backends``."""
+        if spec.workload == "generate" and self.cannot_generate:
+            return Availability.no(self.cannot_generate, "another backend serves generation")
+        if spec.workload == "generate" and self.generation_opt_in and not named:
+            return Availability.no(self.generation_opt_in, f"pass backends=[..., {self.name!r}]")
+        return self.availability(spec, hw)
 
     @abstractmethod
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:

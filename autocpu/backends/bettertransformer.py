@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autocpu.backends.base import Availability, Backend, BuildContext
-from autocpu.backends.eager import with_attention, with_fp32_outputs
+from autocpu.backends.eager import AtPrecision, with_attention
 from autocpu.errors import one_line
 
 if TYPE_CHECKING:
@@ -102,4 +102,4 @@ class BetterTransformerBackend(Backend):
         module = BetterTransformer.transform(with_attention(spec.model, "eager"))
         if precision == "fp32":
             return module
-        return with_fp32_outputs(module.to(torch.bfloat16))
+        return AtPrecision(module.to(torch.bfloat16), autocast=False)

@@ -9,6 +9,7 @@ them fp32 without a warning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Mapping
@@ -87,16 +88,43 @@ def outputs_to_fp32(output: Any) -> Any:
     return output
 
 
-def bf16_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run(**inputs: Any) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return outputs_to_fp32(fn(**inputs))
+class AtPrecision:
+    """A module run in bf16 (its weights cast, or under autocast), called and generating like
+    the fp32 model: outputs come back in fp32, as callers expect the model's dtype.
 
-    return run
+    Other attributes (``generate``, ``generation_config``, ``config``) are the module's, so a
+    traced graph, which has no ``generate``, still has none here.
+    """
+
+    def __init__(self, module: Callable[..., Any], *, autocast: bool) -> None:
+        self.module = module
+        self.autocast = autocast
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self.autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, **inputs: Any) -> Any:
+        with self._precision():
+            return outputs_to_fp32(self.module(**inputs))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("module", "autocast"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        found = getattr(self.module, name)
+        if name != "generate":
+            return found
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            with self._precision():
+                return found(*args, **kwargs)
+
+        return generate
 
 
-def with_fp32_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return lambda **inputs: outputs_to_fp32(fn(**inputs))
+def bf16_autocast(fn: Callable[..., Any]) -> AtPrecision:
+    return AtPrecision(fn, autocast=True)
 
 
 def with_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
@@ -138,10 +166,8 @@ def prepare_module(model: torch.nn.Module, attention: str, precision: str) -> to
 
 
 def wrap_precision(module: torch.nn.Module, precision: str) -> Callable[..., Any]:
-    if precision == "bf16_autocast":
-        return bf16_autocast(module)
-    if precision == "bf16_weights":
-        return with_fp32_outputs(module)
+    if precision in ("bf16_autocast", "bf16_weights"):
+        return AtPrecision(module, autocast=precision == "bf16_autocast")
     return module
 
 

@@ -60,6 +60,7 @@ class IpexBackend(Backend):
     name = "ipex"
     description = "Intel Extension for PyTorch: ipex.optimize fp32/bf16 (+ TorchScript)"
     simplicity = 4
+    cannot_generate = "its candidates are TorchScript traces, which have no KV cache for generate()"
     requires = (DIST,)
     extra = "ipex"
 

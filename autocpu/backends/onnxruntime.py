@@ -7,7 +7,9 @@ trials that differ only in those reuse the files and just create a new session.
 
 Text generation is exported *with* its KV cache (``text-generation-with-past``) when the exporter
 supports it, so ``generate()`` on the runner's model reuses past keys and values like the torch
-model does; a plain forward (no ``past_key_values``) gives the same logits as torch.
+model does; a plain forward (no ``past_key_values``) gives the same logits as torch. Generation
+candidates also choose whether optimum binds the past keys and values to the session's outputs
+(IO binding) instead of copying them through numpy each step.
 
 Nothing heavy is imported at module level: onnxruntime and optimum load inside the methods.
 """
@@ -89,7 +91,7 @@ class OnnxRuntimeBackend(common.OptimumBackend):
     extra: ClassVar[str | None] = "onnxruntime"
     requires: ClassVar[tuple[str, ...]] = ("optimum-onnx", "onnxruntime")
     runtime_params: ClassVar[frozenset[str]] = frozenset(
-        {"threads", "inter_threads", "opt_level", "execution_mode", "spinning"}
+        {"threads", "inter_threads", "opt_level", "execution_mode", "spinning", "io_binding"}
     )
     #: Versions that shape the exported files (folder name hash).
     artifact_dists: ClassVar[tuple[str, ...]] = (
@@ -148,6 +150,8 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         )
         params["opt_level"] = trial.suggest_categorical(self.key("opt_level"), list(OPT_LEVELS))
         params["spinning"] = trial.suggest_categorical(self.key("spinning"), [True, False])
+        if spec.workload == "generate":
+            params["io_binding"] = trial.suggest_categorical(self.key("io_binding"), [False, True])
         return params
 
     # Build: export once, derive variants ------------------------------------------------------
@@ -176,7 +180,9 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         """Create the session with the runtime params and wrap the task's ORTModel."""
         common.check_built(built)
         cls = self.task_class(built.task)
-        extra = {"use_cache": built.with_past} if built.task == "text-generation" else {}
+        extra: dict[str, Any] = {}
+        if built.task == "text-generation":
+            extra = {"use_cache": built.with_past, "use_io_binding": params.get("io_binding")}
         model = cls.from_pretrained(
             built.path,
             file_name=_MODEL_FILE,

@@ -11,6 +11,10 @@ Two facts shape this backend:
 
 Text generation is exported with its KV cache as a stateful model (optimum-intel's default), so
 ``generate()`` works on the runner's model; a plain forward gives the same logits as torch.
+OpenVINO keeps that cache in f16 even at f32 inference precision, so generation candidates set
+``KV_CACHE_PRECISION`` too (f32 for an fp32-faithful one; f16 or u8 where the tolerance admits
+them), and with int8 weights ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` (0: activations stay float;
+OpenVINO's default quantizes them per group of 32).
 Nothing heavy is imported at module level.
 """
 
@@ -35,6 +39,10 @@ if TYPE_CHECKING:
 
 HINTS = ("LATENCY", "THROUGHPUT")
 WEIGHTS = ("fp32", "int8")
+#: Precisions of the KV cache a generation candidate may keep (f32: fp32-faithful).
+KV_CACHE_PRECISIONS = ("f32", "f16", "u8")
+#: Activation quantization group sizes with int8 weights (0: off).
+DYNAMIC_QUANTIZATION_GROUPS = (0, 32, 128)
 
 
 def nncf_installed() -> bool:
@@ -56,7 +64,7 @@ class OpenVinoBackend(common.OptimumBackend):
     extra: ClassVar[str | None] = "openvino"
     requires: ClassVar[tuple[str, ...]] = ("optimum-intel", "openvino")
     runtime_params: ClassVar[frozenset[str]] = frozenset(
-        {"hint", "precision", "threads", "streams", "pinning"}
+        {"hint", "precision", "threads", "streams", "pinning", "kv_cache", "dq_group"}
     )
     #: Versions that shape the exported files (folder name hash).
     artifact_dists: ClassVar[tuple[str, ...]] = (
@@ -72,7 +80,7 @@ class OpenVinoBackend(common.OptimumBackend):
 
     def defaults(self, hw: CpuInfo) -> dict[str, Any]:
         """optimum-intel's settings, except precision: f32, not the bf16 OpenVINO picks on CPUs
-        with native bf16."""
+        with native bf16 (and, for generation, an f32 KV cache: see :func:`ov_config`)."""
         return {
             "weights": "fp32",
             "hint": "LATENCY",
@@ -83,11 +91,15 @@ class OpenVinoBackend(common.OptimumBackend):
         }
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
-        """bf16 inference (OpenVINO's own default on such CPUs), and int8 weights on top."""
+        """bf16 inference (OpenVINO's own default on such CPUs), and int8 weights on top; for
+        generation with OpenVINO's own KV cache (f16) and activation quantization (32)."""
         precision = "bf16" if hw.native_bf16 else "f32"
-        recipes = [{**self.defaults(hw), "precision": "bf16"}] if hw.native_bf16 else []
+        generation = {"kv_cache": "f16"} if spec.workload == "generate" else {}
+        base = {**self.defaults(hw), **generation}
+        recipes = [{**base, "precision": "bf16"}] if hw.native_bf16 else []
         if nncf_installed():
-            recipes.append({**self.defaults(hw), "weights": "int8", "precision": precision})
+            int8 = {"weights": "int8", "precision": precision}
+            recipes.append({**base, **int8, **({"dq_group": 32} if generation else {})})
         return recipes
 
     def suggest(
@@ -112,7 +124,22 @@ class OpenVinoBackend(common.OptimumBackend):
             else 1
         )
         params["pinning"] = trial.suggest_categorical(self.key("pinning"), [True, False])
+        if spec.workload == "generate":
+            params.update(self._suggest_generation(trial, params["weights"], lossy=lossy))
         return params
+
+    def _suggest_generation(self, trial: optuna.Trial, weights: str, *, lossy: bool) -> dict:
+        """The KV cache's precision (f32 only when lossy candidates are ruled out), and the
+        activation quantization of int8 weights."""
+        kv_choices = list(KV_CACHE_PRECISIONS) if lossy else ["f32"]
+        found: dict[str, Any] = {
+            "kv_cache": trial.suggest_categorical(self.key("kv_cache"), kv_choices)
+        }
+        if weights == "int8":
+            found["dq_group"] = trial.suggest_categorical(
+                self.key("dq_group"), list(DYNAMIC_QUANTIZATION_GROUPS)
+            )
+        return found
 
     # Build: export once, derive int8 ----------------------------------------------------------
 
@@ -177,6 +204,10 @@ def ov_config(params: Mapping[str, Any]) -> dict[str, str]:
         config["INFERENCE_NUM_THREADS"] = str(int(params["threads"]))
     if params.get("streams"):
         config["NUM_STREAMS"] = str(int(params["streams"]))
+    if params.get("kv_cache"):
+        config["KV_CACHE_PRECISION"] = str(params["kv_cache"])
+    if params.get("dq_group") is not None:
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(int(params["dq_group"]))
     return config
 
 

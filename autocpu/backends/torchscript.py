@@ -134,6 +134,10 @@ class TorchScriptBackend(Backend):
     name = "torchscript"
     description = "TorchScript trace + freeze (+ optimize_for_inference)"
     simplicity = 1
+    cannot_generate = (
+        "a TorchScript trace has no KV cache: generate() would re-run the whole sequence for "
+        "every new token"
+    )
 
     def availability(self, spec: ModelSpec | None, hw: CpuInfo) -> Availability:
         return Availability.yes()
