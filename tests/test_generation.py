@@ -273,6 +273,16 @@ def test_bench_times_a_generation_plan_on_generate(tuned_llama, llama):
     assert "tokens/s (6 new tokens)" in result.summary()
 
 
+def test_the_html_report_and_plans_list_say_what_a_generation_plan_delivers(tuned_llama, tmp_path):
+    pytest.importorskip("matplotlib")
+    from autocpu.html_report import write_report
+    from autocpu.report import plans_table
+
+    page = write_report(tuned_llama.plan, tmp_path).read_text()
+    assert "generate 6" in page and "generate() of 6 new tokens: fp32 eager" in page
+    assert "generate 6" in plans_table([tuned_llama.plan])
+
+
 # Bad input -------------------------------------------------------------------------------------
 
 
