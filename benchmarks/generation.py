@@ -47,7 +47,7 @@ from autocpu.models import load_model_dir
 from autocpu.plans import current_versions
 from autocpu.workloads import Generation
 from benchmarks.child import PeakTreeRss, own_peak_rss_mb, reset_peak_rss
-from benchmarks.run_suite import plan_precision, say
+from benchmarks.run_suite import load_results, plan_precision, say
 from benchmarks.zoo import ZooModel
 from examples._smollm2 import SAVED, smollm2_dir
 
@@ -678,12 +678,6 @@ def markdown(results: dict) -> str:
     for _, run in sorted(results["runs"].items()):
         lines += model_table(run)
     return "\n".join(lines)
-
-
-def load_results(path: Path, hw: autocpu.CpuInfo) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"machine": {**hw.to_dict(), "fingerprint": hw.fingerprint()}, "runs": {}}
 
 
 def save(results: dict, path: Path) -> None:
