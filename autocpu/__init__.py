@@ -26,6 +26,7 @@ _EXPORTS = {
     "probe": "autocpu.hardware",
     "CpuInfo": "autocpu.hardware",
     "TunedModel": "autocpu.tuned",
+    "tune_sentence_transformer": "autocpu.sentence_encoders",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -177,6 +177,7 @@ def compare_outputs(
         got = got_tensors.get(name)
         if got is None:
             report.failures.append(f"output {name!r} missing")
+            report.missing.append(name)
             continue
         if tuple(got.shape) != tuple(ref.shape):
             report.failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")

@@ -75,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.verbose:
         _verbose_logging()
     model = load_model_dir(args.model_dir, args.task)
-    inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    inputs = synthesize_inputs(model, args.batch_size, args.seq_len, args.model_dir)
     if not args.quiet:
         console.print(
             f"tuning {type(model).__name__} from {args.model_dir} on inputs "
@@ -85,7 +85,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tuned = tune(model, inputs, **from_cli(args, progress=progress))
     plan = tuned.plan
     if args.json:
-        print(plan.to_json())
+        source = {"source": tuned.source, "from_cache": tuned.from_cache}
+        print(json.dumps({**source, **plan.to_dict()}, indent=2, sort_keys=True, default=str))
         return 0
     if tuned.from_cache:
         console.print(f"cached plan {plan.key[:12]} reused: no trial ran")
@@ -215,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cache = PlanCache(args.cache_dir)
     model = load_model_dir(args.model_dir, args.task)
-    inputs = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    inputs = synthesize_inputs(model, args.batch_size, args.seq_len, args.model_dir)
     plan = (
         cache.find(args.plan)
         if args.plan

@@ -121,7 +121,8 @@ def _header(plan: Plan) -> str:
 
 
 def _trial_row(row: Row, plan: Plan) -> str:
-    trial, latency, accuracy = row.trial, row.latency, row.trial.accuracy
+    trial, latency = row.trial, row.latency
+    accuracy = trial.accuracy.measured if trial.accuracy else None
     cells = [
         (f"#{row.number}", True),
         (trial.backend, False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,7 +112,7 @@ def synthesize_from_signature(inputs: list[dict[str, Any]]) -> list[Batch]:
 def typical_inputs(model: Any, reserve: int = 0) -> list[Batch]:
     """Inputs for a model given without any: one row of DEFAULT_SEQ_LEN valid token ids and a
     full mask (fewer tokens when the model's context, less ``reserve`` tokens to generate, is
-    shorter), or one image for a vision model."""
+    shorter), one image for a vision model, one second of audio for an audio model."""
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
@@ -119,16 +120,81 @@ def typical_inputs(model: Any, reserve: int = 0) -> list[Batch]:
     length = DEFAULT_SEQ_LEN
     if isinstance(context, int) and context > 0:
         length = max(1, min(length, context - reserve))
-    return [synthesize_inputs(None, config, DEFAULT_BATCH_SIZE, length)]
+    return [synthesize_inputs(model, DEFAULT_BATCH_SIZE, length)]
 
 
-def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_len: int) -> Batch:
-    """Inputs for a model directory: from its tokenizer when it has one, else from the config."""
+#: Samples of made-up audio: one second at the 16 kHz that speech models are trained on.
+AUDIO_SAMPLES = 16_000
+#: Choices per row of made-up multiple-choice inputs.
+CHOICES = 2
+#: Image side when the config states none (the ImageNet size most vision models use).
+IMAGE_SIZE = 224
+
+
+def synthesize_inputs(
+    model: Any, batch_size: int, seq_len: int, model_dir: str | None = None
+) -> Batch:
+    """Inputs of the kind ``model`` takes (its ``main_input_name``): token ids from the
+    tokenizer in ``model_dir`` when it has one, else valid ids from the config; images or
+    audio of the config's size. Multiple-choice heads get ``CHOICES`` choices per row and
+    encoder-decoders ``decoder_input_ids`` (the ids shifted right, as training feeds them)."""
     if batch_size < 1 or seq_len < 1:
         raise AutocpuError(
             f"batch size {batch_size} and sequence length {seq_len} must be positive",
             "pass --batch-size and --seq-len of 1 or more",
         )
+    from autocpu.models import infer_task
+
+    config = getattr(model, "config", None)
+    main_input = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(0)
+    if main_input == "pixel_values":
+        size = getattr(config, "image_size", None) or IMAGE_SIZE
+        side = size if isinstance(size, int) else int(size[0])
+        shape = (batch_size, int(getattr(config, "num_channels", 3)), side, side)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+    if main_input == "input_values":
+        return {"input_values": torch.randn(batch_size, AUDIO_SAMPLES, generator=generator)}
+    if main_input != "input_ids":
+        raise AutocpuError(
+            f"autocpu cannot make up inputs for {type(model).__name__}, whose main input is "
+            f"{main_input!r}",
+            "pass example_inputs (the processor's output for a few real samples)",
+        )
+    batch = _accepted(model, _token_batch(model_dir, config, batch_size, seq_len, generator))
+    if infer_task(model) == "multiple-choice":
+        batch = {k: v.unsqueeze(1).expand(-1, CHOICES, -1).contiguous() for k, v in batch.items()}
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) else int(getattr(config, "pad_token_id", 0) or 0)
+        ids = batch["input_ids"]
+        batch["decoder_input_ids"] = torch.cat(
+            [torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1
+        )
+    return batch
+
+
+def _accepted(model: Any, batch: Batch) -> Batch:
+    """The inputs ``model.forward`` takes: a tokenizer may return more (``token_type_ids``
+    for a model without token types)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return batch
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return batch
+    return {name: value for name, value in batch.items() if name in parameters}
+
+
+def _token_batch(
+    model_dir: str | None,
+    config: Any,
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+) -> Batch:
+    """``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the config has
+    token types) of ``seq_len`` tokens: a tokenizer's, else random ids below the vocabulary."""
     tokenizer = _load_tokenizer(model_dir) if model_dir else None
     if tokenizer is not None:
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -143,11 +209,6 @@ def synthesize_inputs(model_dir: str | None, config: Any, batch_size: int, seq_l
                 return_tensors="pt",
             )
         )
-    generator = torch.Generator().manual_seed(0)
-    if getattr(config, "image_size", None) and not getattr(config, "vocab_size", None):
-        size, channels = int(config.image_size), int(getattr(config, "num_channels", 3))
-        shape = (batch_size, channels, size, size)
-        return {"pixel_values": torch.randn(shape, generator=generator)}
     vocab = int(getattr(config, "vocab_size", 1000) or 1000)
     batch: Batch = {
         "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator),

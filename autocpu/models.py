@@ -27,16 +27,16 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-def _first_task(class_names: list[str]) -> str:
-    """The task of the first name that implies one, else feature extraction."""
-    found = (task for name in class_names if (task := task_for_class_name(name)))
-    return next(found, tasks.DEFAULT_TASK)
-
-
 def infer_task(model: torch.nn.Module) -> str:
-    """The task of the model's class, else of its config's ``architectures``."""
+    """The task of the model's class, else of its config's ``architectures``, else
+    :data:`~autocpu.tasks.CUSTOM_TASK`."""
     architectures = getattr(getattr(model, "config", None), "architectures", None) or []
-    return _first_task([type(model).__name__, *architectures])
+    main_input = str(getattr(model, "main_input_name", "input_ids"))
+    for name in [type(model).__name__, *architectures]:
+        task = task_for_class_name(name, main_input)
+        if task:
+            return task
+    return tasks.CUSTOM_TASK
 
 
 def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
@@ -90,6 +90,11 @@ class ModelSpec:
     def is_causal_lm(self) -> bool:
         return self.task == "text-generation"
 
+    @property
+    def is_seq2seq(self) -> bool:
+        """An encoder-decoder (BART, T5, Marian): exported as several graphs, not one."""
+        return self.task == "text2text-generation"
+
     def saved_copy(self, root: Path) -> Path:
         """A directory holding exactly these weights (``save_pretrained``), made once.
 
@@ -130,7 +135,13 @@ def make_spec(model: Any, task: str | None = None) -> ModelSpec:
 
 
 def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module:
-    """Load a local model directory with the Auto class of its task (CLI entry point)."""
+    """Load a local model directory (CLI entry point).
+
+    Without ``task`` it loads the class ``config.json`` names in ``architectures``, head and
+    all, and refuses a folder whose class this transformers lacks rather than load another;
+    with ``task`` it loads that task's Auto class. A config naming no architecture loads the
+    bare model (AutoModel), which is what such a folder holds.
+    """
     import transformers
 
     directory = Path(path)
@@ -139,14 +150,39 @@ def load_model_dir(path: str | Path, task: str | None = None) -> torch.nn.Module
             f"no model directory at {directory} (config.json missing)",
             "pass a folder written by save_pretrained() or downloaded from the Hub",
         )
-    auto_name = tasks.auto_class_name(task) if task else None
+    class_name = tasks.auto_class_name(task) if task else _architecture(directory)
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        raise AutocpuError(
+            f"{directory} holds a {class_name}, which transformers "
+            f"{transformers.__version__} does not provide",
+            "install a transformers that has it, or load the model yourself and call "
+            "autocpu.tune(model)",
+        )
     try:
-        if auto_name is None:
-            config = json.loads((directory / "config.json").read_text())
-            auto_name = tasks.auto_class_name(_first_task(config.get("architectures") or []))
-        return getattr(transformers, auto_name).from_pretrained(directory).eval()
+        return model_class.from_pretrained(directory).eval()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise AutocpuError(
-            f"cannot load the model in {directory} ({one_line(error, 160)})",
+            f"cannot load the model in {directory} as {class_name} ({one_line(error, 160)})",
             "pass a folder save_pretrained() wrote: a valid config.json and its weights",
         ) from None
+
+
+def _architecture(directory: Path) -> str:
+    """The model class the folder's config names (the first of ``architectures``)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise AutocpuError(
+            f"cannot read {directory / 'config.json'} ({one_line(error, 160)})",
+            "pass a folder save_pretrained() wrote",
+        ) from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures:
+        return "AutoModel"
+    if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+        raise AutocpuError(
+            f"{directory / 'config.json'} has a malformed 'architectures' entry",
+            "pass --task to pick the head, or fix config.json",
+        )
+    return architectures[0]

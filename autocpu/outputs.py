@@ -5,8 +5,9 @@ Traced and compiled graphs return tuples; users and pipelines expect ``outputs.l
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,54 @@ import torch
 #: Output fields that hold a KV cache: runners without a cache (traced graphs) do not return
 #: them, and their values are compared through the logits they produce anyway.
 CACHE_FIELDS = frozenset({"past_key_values"})
+
+#: Keyword arguments that change what a model computes or returns. An exported graph (ONNX
+#: Runtime, OpenVINO, a trace) has fixed inputs and outputs and would ignore them, so a tuned
+#: model serves a call that sets one with the original model.
+CALL_OPTIONS = (
+    "labels",
+    "output_hidden_states",
+    "output_attentions",
+    "inputs_embeds",
+    "decoder_inputs_embeds",
+    "head_mask",
+    "decoder_head_mask",
+    "cross_attn_head_mask",
+)
+
+
+def asked_options(kwargs: Mapping[str, Any]) -> list[str]:
+    """The :data:`CALL_OPTIONS` a call sets (None and False leave the model's default)."""
+    return [
+        name for name in CALL_OPTIONS if kwargs.get(name) is not None and kwargs[name] is not False
+    ]
+
+
+def declared_output_type(model: Any) -> type | None:
+    """The ModelOutput class ``model.forward`` declares it returns (transformers annotates
+    every model's), or None when it declares none."""
+    try:
+        declared = typing.get_type_hints(type(model).forward).get("return")
+    except Exception:  # unresolvable annotations: nothing declared
+        return None
+    for candidate in (*typing.get_args(declared), declared):
+        if (
+            isinstance(candidate, type)
+            and is_dataclass(candidate)
+            and issubclass(candidate, Mapping)
+        ):
+            return candidate
+    return None
+
+
+def as_output_type(output: Any, output_type: type | None) -> Any:
+    """``output`` as an instance of ``output_type`` (the same fields, by name), so a runtime's
+    output class (optimum's ``BaseModelOutputWithPooling``) reads as the model's own
+    (``BaseModelOutputWithPoolingAndCrossAttentions``)."""
+    if output_type is None or not isinstance(output, Mapping) or type(output) is output_type:
+        return output
+    names = {f.name for f in fields(output_type)}
+    return output_type(**{k: v for k, v in output.items() if k in names})
 
 
 def named_tensors(output: Any, prefix: str = "") -> dict[str, torch.Tensor]:

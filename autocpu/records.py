@@ -34,10 +34,18 @@ class AccuracyReport:
     same_tokens: float | None = None
     same_prefix: int | None = None
     failures: list[str] = field(default_factory=list)
+    #: Outputs the reference returns and the candidate did not (its numbers cover the rest).
+    missing: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def measured(self) -> AccuracyReport | None:
+        """This report when its numbers cover every output, None when outputs were missing
+        (numbers over what was returned would read as a perfect match)."""
+        return None if self.missing else self
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -54,6 +62,7 @@ class AccuracyReport:
         self.same_tokens = _lowest(self.same_tokens, other.same_tokens)
         self.same_prefix = _lowest(self.same_prefix, other.same_prefix)
         self.failures.extend(other.failures)
+        self.missing.extend(name for name in other.missing if name not in self.missing)
 
 
 def _lowest(mine: Any, theirs: Any) -> Any:

@@ -26,6 +26,8 @@ def format_params(params: dict[str, Any]) -> str:
 def accuracy_cell(accuracy: AccuracyReport | None) -> str:
     if accuracy is None:
         return "-"
+    if accuracy.missing:  # the numbers cover only what it returned: say what it did not
+        return f"missing {', '.join(accuracy.missing)}"
     cell = f"rel {accuracy.max_rel:.1e} cos {accuracy.min_cosine:.5f}"
     if accuracy.min_argmax is not None:
         cell += f" argmax {accuracy.min_argmax:.3f}"
@@ -116,24 +118,31 @@ def explain_table(plan: Plan) -> str:
     return render(table)
 
 
+#: Inputs whose shape names a plan's input shape in ``plans list``, in order of preference.
+_MAIN_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
+
+
+def inputs_cell(plan: Plan) -> str:
+    """The first batch's main input shape, the batch count and every input name: two plans
+    that differ only in an input (with and without ``token_type_ids``) read differently."""
+    first = plan.inputs[0] if plan.inputs else {}
+    main = next((name for name in _MAIN_INPUTS if "shape" in first.get(name, {})), None)
+    shape = "x".join(str(d) for d in first[main]["shape"]) + " " if main else ""
+    return f"{shape}({len(plan.inputs)} batch) {', '.join(sorted(first))}"
+
+
 def plans_table(plans: list[Plan], title: str = "cached plans") -> str:
     table = Table(title=title)
     columns = ("key", "model", "task", "workload", "inputs", "backend", "speedup", "tolerance")
     for column in (*columns, "created"):
         table.add_column(column, overflow="fold")
     for plan in plans:
-        shapes = ", ".join(
-            "x".join(str(d) for d in spec["shape"])
-            for batch in plan.inputs[:1]
-            for name, spec in batch.items()
-            if name == "input_ids" and "shape" in spec
-        )
         table.add_row(
             plan.key[:12],
             plan.model.get("architecture", "?"),
             plan.task,
             workload_cell(plan),
-            f"{shapes} ({len(plan.inputs)} batch)" if shapes else f"{len(plan.inputs)} batch",
+            inputs_cell(plan),
             f"{plan.backend} {format_params(plan.params)}",
             f"{plan.speedup:.2f}x",
             plan.tolerance.get("name", "custom"),

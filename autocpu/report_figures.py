@@ -45,7 +45,8 @@ class Row:
 
     @property
     def max_rel(self) -> float | None:
-        return self.trial.accuracy.max_rel if self.trial.accuracy else None
+        accuracy = self.trial.accuracy.measured if self.trial.accuracy else None
+        return accuracy.max_rel if accuracy else None
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

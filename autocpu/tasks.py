@@ -29,7 +29,8 @@ class Task:
 
 
 #: Matched in order, first hit wins. ``Model`` also ends head classes such as
-#: ``GPT2LMHeadModel``, so the feature-extraction row must come last.
+#: ``GPT2LMHeadModel``, so the feature-extraction row must come last. It covers the bare
+#: encoders of every modality: ``BertModel``, ``T5EncoderModel``, ``ViTModel``, ``ConvNextModel``.
 TASKS: tuple[Task, ...] = (
     Task(
         "text-classification",
@@ -51,12 +52,37 @@ TASKS: tuple[Task, ...] = (
     ),
     Task("fill-mask", ("ForMaskedLM",), "AutoModelForMaskedLM", "MaskedLM"),
     Task("multiple-choice", ("ForMultipleChoice",), "AutoModelForMultipleChoice", "MultipleChoice"),
+    Task(
+        "image-classification",
+        ("ForImageClassification",),
+        "AutoModelForImageClassification",
+        "ImageClassification",
+    ),
+    Task(
+        "audio-classification",
+        ("ForAudioClassification",),
+        "AutoModelForAudioClassification",
+        "AudioClassification",
+    ),
     Task("text-generation", ("ForCausalLM", "LMHeadModel"), "AutoModelForCausalLM", "CausalLM"),
+    # Marian's head is ``MarianMTModel``: it must match before the bare-model row.
+    Task(
+        "text2text-generation",
+        ("ForConditionalGeneration", "MTModel"),
+        "AutoModelForSeq2SeqLM",
+        "Seq2SeqLM",
+    ),
     Task("feature-extraction", ("Model",), "AutoModel", "FeatureExtraction"),
 )
 
-#: The task of a model whose class name says nothing (a bare ``nn.Module`` subclass).
-DEFAULT_TASK = "feature-extraction"
+#: Main inputs (``model.main_input_name``) of audio models: their ``...ForSequenceClassification``
+#: head (Wav2Vec2, HuBERT) classifies audio, and optimum files it under audio classification.
+AUDIO_INPUTS = frozenset({"input_values", "input_features"})
+
+#: The task of a model whose class names no head the table knows (``BertForPreTraining``, a
+#: bare ``nn.Module``): PyTorch backends tune it as it is; exporters, which need a task to pick
+#: the graph's outputs, do not guess one.
+CUSTOM_TASK = "custom"
 
 _BY_NAME = {task.name: task for task in TASKS}
 
@@ -74,10 +100,14 @@ def get_task(name: str) -> Task:
     return task
 
 
-def task_for_class_name(class_name: str) -> str | None:
-    """The task an architecture name such as ``BertForSequenceClassification`` implies."""
+def task_for_class_name(class_name: str, main_input: str = "input_ids") -> str | None:
+    """The task an architecture name such as ``BertForSequenceClassification`` implies, for a
+    model whose main input is ``main_input``; None for a head the table does not know
+    (``BertForPreTraining``): such a model is never treated as another task's."""
     for task in TASKS:
         if class_name.endswith(task.class_suffixes):
+            if task.name == "text-classification" and main_input in AUDIO_INPUTS:
+                return "audio-classification"
             return task.name
     return None
 

@@ -13,6 +13,7 @@ from autocpu.backends import BuildContext, get_backend
 from autocpu.backends.base import quiet_build_logs
 from autocpu.hardware import probe
 from autocpu.models import ModelSpec
+from autocpu.outputs import CALL_OPTIONS, as_output_type, asked_options, declared_output_type
 from autocpu.plans import Plan, PlanCache
 from autocpu.report import explain_table
 from autocpu.workloads import Workload
@@ -41,6 +42,7 @@ class TunedModel(torch.nn.Module):
         #: Where the plan came from: "search", "cache" or "tuning_db" (see SOURCES).
         self.source = source
         self._arg_names = _positional_names(model)
+        self._output_type = declared_output_type(model)
 
     @property
     def from_cache(self) -> bool:
@@ -48,9 +50,27 @@ class TunedModel(torch.nn.Module):
         return self.source != "search"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The plan's engine on these inputs, returning the original's output class.
+
+        A call setting an option an exported graph cannot honour (``labels``,
+        ``output_hidden_states``, ... see :data:`autocpu.outputs.CALL_OPTIONS`) runs on the
+        original model instead: the same answer the user would get untuned, never a silently
+        different one (a missing ``loss``, absent hidden states).
+        """
         if args:
             kwargs.update(zip(self._arg_names, args, strict=False))
-        return self.runner(**kwargs)
+        if not getattr(self.runner, "fixed_outputs", False):
+            return self.runner(**kwargs)
+        asked = asked_options(kwargs)
+        if asked:
+            log.debug("%s asked for: the original model serves this call", ", ".join(asked))
+            return self.model(**kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        feed = {k: v for k, v in kwargs.items() if k not in CALL_OPTIONS}
+        output = as_output_type(self.runner(**feed), self._output_type)
+        if return_dict is None:
+            return_dict = getattr(getattr(self.model, "config", None), "use_return_dict", True)
+        return output if return_dict or not hasattr(output, "to_tuple") else output.to_tuple()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(self.runner, "can_generate", False):

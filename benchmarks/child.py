@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = load_model_dir(args.model_dir, args.task)
-    batch = synthesize_inputs(args.model_dir, model.config, args.batch_size, args.seq_len)
+    batch = synthesize_inputs(model, args.batch_size, args.seq_len, args.model_dir)
     if args.mode == "serve":
         print(json.dumps(serve(model, batch)))
         return

@@ -138,7 +138,7 @@ def run_one(
     model_dir = materialize(name, args.work)
     cache = row_cache(args.work, name, shape)
     model = load_model_dir(model_dir, zoo.task)
-    batch = synthesize_inputs(str(model_dir), model.config, *SHAPES[shape])
+    batch = synthesize_inputs(model, *SHAPES[shape], str(model_dir))
     flops = flops_per_call(model, batch)
     oracle = wants_oracle(args, f"{name}/{shape}")
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)

@@ -108,7 +108,7 @@ def test_the_exported_tuning_db_answers_a_tune_without_searching(suite, tmp_path
     monkeypatch.setenv("AUTOCPU_TUNING_DB", str(bundle.parent))
     model_dir = work / "models" / "tiny-bert"
     model = load_model_dir(model_dir, "feature-extraction")
-    batch = synthesize_inputs(str(model_dir), model.config, 1, 16)
+    batch = synthesize_inputs(model, 1, 16, str(model_dir))
     tuned = autocpu.tune(model, batch, cache_dir=tmp_path / "fresh-cache")
     assert tuned.source == "tuning_db" and tuned.plan.key == key
 

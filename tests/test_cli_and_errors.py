@@ -34,6 +34,7 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
     second = run_cli(*args, "--json", cache=cache_dir)
     assert second.returncode == 0, second.stderr
     plan = json.loads(second.stdout)
+    assert (plan["source"], plan["from_cache"]) == ("cache", True)
     third = run_cli(*args, cache=cache_dir)
     assert "reused: no trial ran" in third.stdout
     assert plan["task"] == "text-classification"

@@ -72,6 +72,19 @@ class OptimumBackend(Backend):
         missing = self.missing_packages()
         if missing is not None or spec is None:
             return missing or Availability.yes()
+        if spec.task == tasks.CUSTOM_TASK:
+            return Availability.no(
+                f"autocpu knows no task for {spec.fingerprint['architecture']}, and an export "
+                "needs one",
+                f"pass task= if the model is one of: {', '.join(tasks.task_names())}",
+            )
+        other = exported_class_mismatch(spec)
+        if other:
+            return Availability.no(
+                f"optimum exports {spec.model_type} for {spec.task} as {other}, not as "
+                f"{spec.fingerprint['architecture']}",
+                _OTHER_BACKEND,
+            )
         if model_class(self.model_module, self.class_prefix, spec.task) is None:
             reason = f"{self.requires[0]} has no {self.class_prefix}... class for {spec.task!r}"
         else:
@@ -90,6 +103,26 @@ class OptimumBackend(Backend):
 
 
 _OTHER_BACKEND = "use another backend for this model"
+
+
+def exported_class_mismatch(spec: ModelSpec) -> str | None:
+    """The class an export would load instead of the user's, or None when it is the same.
+
+    The exporters load the saved folder with the task's Auto class, which for an encoder-only
+    class of an encoder-decoder type (``T5EncoderModel``) is the full model (``T5Model``): its
+    graph would take decoder inputs and compute something else.
+    """
+    import transformers
+
+    auto = getattr(transformers, tasks.auto_class_name(spec.task))
+    try:
+        loaded = auto._model_mapping[type(spec.model.config)]
+    except (AttributeError, KeyError):
+        return None
+    if isinstance(loaded, (list, tuple)):
+        loaded = loaded[0]
+    mine = type(spec.model).__name__
+    return None if loaded.__name__ == mine else loaded.__name__
 
 
 def model_class(module: str, prefix: str, task: str) -> type | None:
@@ -130,11 +163,16 @@ def exporter_reason(exporter: str, model_type: str, task: str) -> str | None:
     return None
 
 
+#: Tasks whose models generate: exported with their KV cache, so ``generate()`` reuses it.
+GENERATION_TASKS = frozenset({"text-generation", "text2text-generation"})
+
+
 def export_task(exporter: str, model_type: str, task: str) -> str:
-    """Exporter task name: text generation is exported with its KV cache when supported."""
+    """Exporter task name: generation tasks are exported with their KV cache when supported
+    (a forward pass without ``past_key_values`` gives the same logits)."""
     tasks = supported_tasks(exporter, model_type)
     with_past = f"{task}-with-past"
-    if task == "text-generation" and isinstance(tasks, set) and with_past in tasks:
+    if task in GENERATION_TASKS and isinstance(tasks, set) and with_past in tasks:
         return with_past
     return task
 
@@ -216,11 +254,27 @@ class TorchLikeModel:
             if "token_type_ids" in names and inputs.get("token_type_ids") is None:
                 inputs["token_type_ids"] = torch.zeros_like(ids)
         if self._run_all is None:
-            return self.model(**inputs)
+            return self._forward(inputs)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         feed = {k: v for k, v in inputs.items() if k in names}
         return BaseModelOutputWithPooling(**self._run_all(self.model, feed))
+
+    def _forward(self, inputs: dict[str, Any]) -> Any:
+        """The optimum model's forward; an encoder-decoder's is given the encoder's outputs,
+        run here, so that its ``encoder_last_hidden_state`` is returned as torch returns it
+        (OpenVINO's forward drops it)."""
+        encoder = getattr(self.model, "encoder", None)
+        if encoder is None or "decoder_input_ids" not in inputs or "encoder_outputs" in inputs:
+            return self.model(**inputs)
+        encoded = encoder(
+            input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask")
+        )
+        output = self.model(**inputs, encoder_outputs=encoded)
+        if getattr(output, "encoder_last_hidden_state", None) is None:
+            # A copy: the runtime may reuse the encoder's output buffer on its next call.
+            output["encoder_last_hidden_state"] = encoded.last_hidden_state.clone()
+        return output
 
     def __getattr__(self, name: str) -> Any:
         if name == "model":  # not set yet (copy, unpickling): no recursion

@@ -73,9 +73,15 @@ class Runner:
     that generates (an engine with a KV cache) serves :meth:`generate` on the same engine.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, threads: int | None = None) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], *, threads: int | None = None, fixed_outputs: bool = False
+    ) -> None:
         self.fn = fn
         self.threads = threads
+        #: True for an exported graph: it takes the graph's inputs only and returns its fixed
+        #: outputs, so call options such as ``labels`` or ``output_hidden_states`` (see
+        #: :data:`autocpu.outputs.CALL_OPTIONS`) would be ignored, not honoured.
+        self.fixed_outputs = fixed_outputs
 
     def _use_threads(self) -> None:
         if self.threads and torch.get_num_threads() != self.threads:

@@ -187,7 +187,8 @@ class OpenVinoBackend(common.OptimumBackend):
                 "report this; do not trust this candidate's accuracy",
             )
         model = common.TorchLikeModel(model, _run_compiled if built.extra_outputs else None)
-        return Runner(model, threads=None)  # threads live in the compiled model, not in torch
+        # threads live in the compiled model, not in torch
+        return Runner(model, threads=None, fixed_outputs=True)
 
 
 def ov_config(params: Mapping[str, Any]) -> dict[str, str]:
@@ -212,8 +213,15 @@ def ov_config(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def compiled_precision(model: Any) -> str:
-    """``INFERENCE_PRECISION_HINT`` of the compiled model, as "f32" / "bf16" / "f16"."""
-    request = model.request
+    """``INFERENCE_PRECISION_HINT`` of the compiled model, as "f32" / "bf16" / "f16"; an
+    encoder-decoder's parts each report theirs, and any that differs from the first wins."""
+    parts = [getattr(model, name, None) for name in ("encoder", "decoder")]
+    requests = [p.request for p in parts if p is not None and hasattr(p, "request")]
+    found = {_request_precision(r) for r in requests or [model.request]}
+    return sorted(found)[0] if len(found) == 1 else "mixed " + "/".join(sorted(found))
+
+
+def _request_precision(request: Any) -> str:
     compiled = request.get_compiled_model() if hasattr(request, "get_compiled_model") else request
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 

@@ -69,6 +69,9 @@ def traceable_masks() -> Iterator[None]:
 class TracedRunner:
     """Runs the traced graph for the traced input names; other calls go to the eager model."""
 
+    #: A graph with fixed outputs (see :attr:`autocpu.backends.base.Runner.fixed_outputs`).
+    fixed_outputs = True
+
     def __init__(
         self, graph: Any, names: tuple[str, ...], template: OutputTemplate, fallback: Any
     ) -> None:
