@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocpu.errors import AutocpuError
-from autocpu.tasks import task_names
+from autocpu.tasks import GENERATION_TASKS, task_names
 
 if TYPE_CHECKING:
     from autocpu.accuracy import Tolerance
@@ -211,10 +211,10 @@ class TuneOptions:
         return found
 
     def workload_for(self, task: str) -> str:
-        """The workload to tune: as given, else generation for text-generation models."""
+        """The workload to tune: as given, else generation for models that generate text."""
         if self.workload is not None:
             return self.workload
-        return "generate" if task == "text-generation" else "forward"
+        return "generate" if task in GENERATION_TASKS else "forward"
 
     @property
     def budget(self) -> tuple[int | None, float | None]:

@@ -79,6 +79,10 @@ TASKS: tuple[Task, ...] = (
 #: head (Wav2Vec2, HuBERT) classifies audio, and optimum files it under audio classification.
 AUDIO_INPUTS = frozenset({"input_values", "input_features"})
 
+#: Tasks whose models generate text (``generate()``): tuned on generation by default, and
+#: exported with their KV cache.
+GENERATION_TASKS = frozenset({"text-generation", "text2text-generation"})
+
 #: The task of a model whose class names no head the table knows (``BertForPreTraining``, a
 #: bare ``nn.Module``): PyTorch backends tune it as it is; exporters, which need a task to pick
 #: the graph's outputs, do not guess one.

@@ -149,6 +149,10 @@ class _FirstTokenClock:
         pass
 
 
+#: An encoder-decoder's forward inputs that generate() makes itself.
+_DECODER_INPUTS = frozenset({"decoder_input_ids", "decoder_attention_mask"})
+
+
 class Generation(Workload):
     """Greedy ``generate()`` of ``max_new_tokens`` tokens (EOS ignored) from every prompt batch.
 
@@ -170,7 +174,11 @@ class Generation(Workload):
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         targets: list[torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(batches)
+        # generate() makes the decoder's inputs of an encoder-decoder itself: inputs made for
+        # its forward pass (teacher-forced decoder ids) are not part of a prompt.
+        super().__init__(
+            [{k: v for k, v in b.items() if k not in _DECODER_INPUTS} for b in batches]
+        )
         self.max_new_tokens = max_new_tokens
         #: The fp32 eager greedy sequences, prompt included, one tensor per batch.
         self.targets = targets
@@ -201,12 +209,22 @@ class Generation(Workload):
 
     @torch.inference_mode()
     def run(self, runner: Callable[..., Any]) -> list[Any]:
+        """Per batch: the greedy ``sequences``, the teacher-forced ``logits`` and the
+        ``prompt_length`` the sequences start with (1 for an encoder-decoder: its sequences
+        are the decoder's, from its start token)."""
         outputs = []
+        seq2seq = _is_encoder_decoder(runner)
         for index, batch in enumerate(self.batches):
             sequences = self.generate(runner, batch)
             forced = self.targets[index] if self.targets is not None else sequences
-            logits = runner(**_teacher_forced(batch, forced)).logits
-            outputs.append({"sequences": sequences, "logits": logits})
+            scored = {**batch, "decoder_input_ids": forced} if seq2seq else None
+            logits = runner(**(scored or _teacher_forced(batch, forced))).logits
+            prompt = 1 if seq2seq else sequence_length(batch) or 0
+            # A tensor, like the rest: canaries and worker pipes keep only tensors.
+            prompt_length = torch.tensor(prompt)
+            outputs.append(
+                {"sequences": sequences, "logits": logits, "prompt_length": prompt_length}
+            )
         return outputs
 
     def compare(
@@ -214,9 +232,12 @@ class Generation(Workload):
     ) -> AccuracyReport:
         total = AccuracyReport()
         for batch, reference, output in zip(self.batches, references, outputs, strict=True):
-            mask = _full_mask(batch, reference["sequences"])
-            length = sequence_length(batch) or 0
-            total.merge(compare_generated(reference, output, tolerance, length, mask))
+            prompt = int(reference.get("prompt_length", sequence_length(batch) or 0))
+            # A decoder-only row is its prompt (maybe padded) and its continuation; an
+            # encoder-decoder's decoder sequence has no padding.
+            seq2seq = prompt != (sequence_length(batch) or 0)
+            mask = None if seq2seq else _full_mask(batch, reference["sequences"])
+            total.merge(compare_generated(reference, output, tolerance, prompt, mask))
         return total
 
     def references(self, model: torch.nn.Module) -> list[Any]:
@@ -236,6 +257,8 @@ class Generation(Workload):
             config, "n_positions", None
         )
         prompt = max(sequence_length(batch) or 0 for batch in self.batches)
+        if getattr(config, "is_encoder_decoder", False):  # the decoder holds the new tokens
+            prompt = min(prompt, 1)
         if context and prompt + self.max_new_tokens > context:
             raise AutocpuError(
                 f"prompts of {prompt} tokens plus max_new_tokens={self.max_new_tokens} exceed "
@@ -279,8 +302,12 @@ def require_generate(model: Any, consequence: str) -> None:
     if not callable(can_generate) or not can_generate():
         raise AutocpuError(
             f"{type(model).__name__} has no generate(), so it {consequence}",
-            "pass a causal LM (AutoModelForCausalLM), or workload='forward'",
+            "pass a causal LM or an encoder-decoder (AutoModelForSeq2SeqLM), or workload='forward'",
         )
+
+
+def _is_encoder_decoder(runner: Any) -> bool:
+    return bool(getattr(getattr(runner, "config", None), "is_encoder_decoder", False))
 
 
 def _teacher_forced(batch: Batch, sequences: torch.Tensor) -> Batch:

@@ -190,3 +190,31 @@ def test_explain_names_missing_outputs_instead_of_perfect_numbers() -> None:
     assert not report.passed and report.missing == ["pooler_output"]
     assert accuracy_cell(report) == "missing pooler_output"
     assert report.measured is None
+
+
+SEQ2SEQ = [a for a in ARCHITECTURES if a.task == "text2text-generation"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SEQ2SEQ, ids=lambda a: a.id)
+def test_encoder_decoders_are_tuned_on_generate_and_serve_it(arch: Architecture) -> None:
+    model = arch.build()
+    prompts = synthesize_inputs(model, 2, 12)
+    prompts.pop("decoder_input_ids")
+    prompts["attention_mask"][1, :4] = 0  # a padded prompt: masks must reach the encoder
+    tuned = autocpu.tune(
+        model, prompts, backends=list(EXPORTERS), max_new_tokens=4, n_trials=2, isolation="none"
+    )
+    assert tuned.plan.workload == "generate" and tuned.plan.winner_generation is not None
+    expected = model.generate(**prompts, max_new_tokens=4, do_sample=False)
+    for name in EXPORTERS:
+        trials = [t for t in tuned.plan.trials if t.backend == name]
+        if (arch.id, name) in NOT_EXPORTED:
+            continue
+        assert trials and all(t.status == OK for t in trials), [
+            (t.status, t.reason) for t in trials
+        ]
+        assert all(t.accuracy.same_tokens == 1.0 for t in trials)
+        engine = _forced(model, tuned.plan, trials[0], prompts)
+        assert engine.runner.can_generate
+        assert torch.equal(engine.generate(**prompts, max_new_tokens=4, do_sample=False), expected)

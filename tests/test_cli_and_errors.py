@@ -13,6 +13,7 @@ from conftest import run_cli, tiny_inputs, tiny_model
 import autocpu
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
+from autocpu.report import inputs_cell
 
 
 def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
@@ -41,6 +42,8 @@ def test_cli_tune_then_a_fresh_process_reuses_the_plan(model_dir, cache_dir):
     assert plan["inputs"][0]["input_ids"]["shape"] == [2, 16]
     listed = run_cli("plans", "list", cache=cache_dir)
     assert plan["key"][:12] in listed.stdout
+    cached = PlanCache(cache_dir).find(plan["key"])
+    assert inputs_cell(cached) == "2x16 (1 batch) attention_mask, input_ids, token_type_ids"
     shown = run_cli("plans", "show", plan["key"][:6], cache=cache_dir)
     assert shown.returncode == 0 and plan["backend"] in shown.stdout
     reported = run_cli("report", plan["key"][:6], "-o", str(cache_dir / "report"), cache=cache_dir)

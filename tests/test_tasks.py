@@ -79,3 +79,22 @@ def test_the_table_imports_nothing_heavy() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_head_the_table_does_not_know_is_not_exported_as_another_task() -> None:
+    from autocpu.backends import get_backend
+    from autocpu.hardware import probe
+    from autocpu.models import make_spec
+
+    model = transformers.BertForPreTraining(tiny_config_for_tasks())
+    assert task_for_class_name("BertForPreTraining") is None
+    assert infer_task(model) == tasks.CUSTOM_TASK
+    answer = get_backend("onnxruntime").availability(make_spec(model), probe())
+    assert not answer.ok and "knows no task for BertForPreTraining" in answer.reason
+    assert "text-classification" in answer.fix
+
+
+def tiny_config_for_tasks() -> transformers.BertConfig:
+    return transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )

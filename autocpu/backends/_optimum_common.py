@@ -163,16 +163,12 @@ def exporter_reason(exporter: str, model_type: str, task: str) -> str | None:
     return None
 
 
-#: Tasks whose models generate: exported with their KV cache, so ``generate()`` reuses it.
-GENERATION_TASKS = frozenset({"text-generation", "text2text-generation"})
-
-
 def export_task(exporter: str, model_type: str, task: str) -> str:
     """Exporter task name: generation tasks are exported with their KV cache when supported
     (a forward pass without ``past_key_values`` gives the same logits)."""
-    tasks = supported_tasks(exporter, model_type)
+    supported = supported_tasks(exporter, model_type)
     with_past = f"{task}-with-past"
-    if task in GENERATION_TASKS and isinstance(tasks, set) and with_past in tasks:
+    if task in tasks.GENERATION_TASKS and isinstance(supported, set) and with_past in supported:
         return with_past
     return task
 

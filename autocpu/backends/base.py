@@ -100,6 +100,11 @@ class Runner:
     def generation_config(self) -> Any:
         return getattr(self.fn, "generation_config", None)
 
+    @property
+    def config(self) -> Any:
+        """The model's config (the workloads read ``is_encoder_decoder`` from it)."""
+        return getattr(self.fn, "config", None)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate()`` on this candidate's engine (transformers' arguments, its output)."""
         if not self.can_generate:

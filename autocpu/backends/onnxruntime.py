@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from autocpu.backends import _optimum_common as common
 from autocpu.backends.base import BuildContext, Runner
 from autocpu.errors import AutocpuError
+from autocpu.tasks import GENERATION_TASKS
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -187,7 +188,7 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         common.check_built(built)
         cls = self.task_class(built.task)
         extra: dict[str, Any] = {}
-        if built.task in common.GENERATION_TASKS:
+        if built.task in GENERATION_TASKS:
             extra = {"use_cache": built.with_past, "use_io_binding": params.get("io_binding")}
         if built.task != "text2text-generation":  # an encoder-decoder has one file per part
             extra["file_name"] = _MODEL_FILE
