@@ -20,6 +20,7 @@ from conftest import write_tokenizer
 import autocpu
 from autocpu.cli import main
 from autocpu.inputs import synthesize_inputs
+from autocpu.models import load_model_dir
 from autocpu.outputs import CACHE_FIELDS
 from autocpu.records import OK
 
@@ -124,6 +125,10 @@ def test_cli_tunes_the_class_the_folder_holds(
     assert plan["model"]["architecture"] == arch.model_class
     assert plan["task"] == arch.task and plan["source"] == "search"
     assert model.main_input_name in plan["inputs"][0]
+    loaded = load_model_dir(folder)
+    assert type(loaded) is type(model)
+    served = autocpu.apply_plan(loaded, plan["key"])
+    assert_same_outputs(model, served, synthesize_inputs(model, 1, 8))
 
 
 def test_cli_refuses_a_class_transformers_lacks(tmp_path: Path, capsys) -> None:
