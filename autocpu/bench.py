@@ -7,6 +7,7 @@ by side rather than two numbers from different moments.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,17 @@ class BenchResult:
             f"{stats.tokens_per_s:.1f} tokens/s ({stats.new_tokens} new tokens)"
             for label, stats in self.generation.items()
         ]
+        load = (
+            f"MEASURED UNDER LOAD (other work used {self.comparison.load_percent:.0f}% of the "
+            "CPUs throughout): the speedup holds for a machine that busy, not a quiet one"
+            if self.comparison.under_load
+            else f"{self.comparison.rounds_discarded} rounds under load discarded"
+        )
         return "\n".join(
             [
                 f"plan {self.plan.key[:12]}: {self.plan.backend} {self.plan.params}",
                 f"speedup {self.comparison.speedup['tuned']:.2f}x (IQR {low:.2f}-{high:.2f}) over "
-                f"fp32 eager, {self.comparison.rounds} interleaved rounds",
+                f"fp32 eager, {self.comparison.rounds} interleaved rounds; {load}",
                 f"  tuned    median {tuned.median_ms:.2f} ms, p90 {tuned.p90_ms:.2f} ms",
                 f"  baseline median {base.median_ms:.2f} ms, p90 {base.p90_ms:.2f} ms",
                 *generation,
@@ -123,3 +130,39 @@ def bench(
     finally:
         torch.set_num_threads(default_threads)
     return BenchResult(plan, comparison, accuracy, build_s, first_call_s, generation)
+
+
+def updated_plan(result: BenchResult) -> Plan:
+    """The plan with the figures ``result`` measured (``autocpu bench --update``).
+
+    Refused for a measurement taken under load, or whose outputs left the tolerance: neither
+    may replace what the plan says.
+    """
+    comparison, plan = result.comparison, result.plan
+    if comparison.under_load:
+        raise AutocpuError(
+            f"plan {plan.key[:12]} not updated: other work used {comparison.load_percent:.0f}% "
+            "of the CPUs throughout the measurement",
+            "run 'autocpu bench --update' again when the machine is quiet",
+        )
+    if not result.accuracy.passed:
+        raise AutocpuError(
+            f"plan {plan.key[:12]} not updated: its outputs are outside its tolerance here",
+            "re-tune the model here with 'autocpu tune'",
+        )
+    low, high = comparison.speedup_iqr["tuned"]
+    return dataclasses.replace(
+        plan,
+        baseline=comparison.stats["baseline"],
+        winner=comparison.stats["tuned"],
+        speedup=comparison.speedup["tuned"],
+        speedup_iqr=[low, high],
+        baseline_generation=result.generation.get("baseline", plan.baseline_generation),
+        winner_generation=result.generation.get("tuned", plan.winner_generation),
+        measured_under_load=False,
+        load_percent=comparison.load_percent,
+        decision=(
+            f"{plan.decision}; re-measured by autocpu bench at {comparison.speedup['tuned']:.2f}x "
+            f"(IQR {low:.2f}-{high:.2f}, {comparison.rounds} interleaved rounds)"
+        ),
+    )

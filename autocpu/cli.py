@@ -69,7 +69,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from autocpu.models import load_model_dir
     from autocpu.options import from_cli
     from autocpu.progress_bar import TuneProgress
-    from autocpu.report import generation_summary
+    from autocpu.report import generation_summary, load_note
 
     console = _console(stderr=args.json)  # with --json, stdout holds the JSON alone
     if args.verbose:
@@ -96,9 +96,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"(IQR {plan.speedup_iqr[0]:.2f}-{plan.speedup_iqr[1]:.2f}) vs fp32 eager, "
         f"{_ms(plan.winner)} vs {_ms(plan.baseline)}"
     )
-    summary = generation_summary(plan)
-    if summary:
-        console.print(summary)
+    for line in (generation_summary(plan), load_note(plan)):
+        if line:
+            console.print(line)
     return 0
 
 
@@ -209,7 +209,7 @@ def _verify(cache: Any, plan: Any, model_dir: str | None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from autocpu.bench import bench, matching_plan
+    from autocpu.bench import bench, matching_plan, updated_plan
     from autocpu.inputs import normalize_inputs, synthesize_inputs
     from autocpu.models import load_model_dir
     from autocpu.plans import PlanCache
@@ -224,6 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     result = bench(model, inputs, plan, seconds=args.seconds, cache_dir=cache.root)
     print(result.summary())
+    if args.update:
+        print(f"updated {cache.save(updated_plan(result))}")
     return 0 if result.accuracy.passed else 1
 
 
@@ -321,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=BENCH_SECONDS, help="time for the interleaved run"
     )
     bench.add_argument("--cache-dir", default=None)
+    bench.add_argument(
+        "--update",
+        action="store_true",
+        help="store the figures measured in the plan (refused when measured under load)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="a self-contained HTML page (and PNGs) for a plan")

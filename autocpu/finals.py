@@ -59,6 +59,10 @@ class SearchResult:
     records: list[TrialRecord]
     baseline_generation: GenerationStats | None = None
     winner_generation: GenerationStats | None = None
+    #: The finals could not get quiet rounds: other work ran while they measured.
+    under_load: bool = False
+    #: Median share of the CPUs other work used during the finals, in percent.
+    load_percent: float = 0.0
 
 
 def run_finals(runner: TrialRunner, candidates: list[TrialRecord]) -> Finals:
@@ -122,6 +126,8 @@ def conclude(executor: Executor, baseline: TrialRecord, records: list[TrialRecor
         records=[baseline, *(updated.get(r.identity, r) for r in records)],
         baseline_generation=finals.generation.get(BASELINE),
         winner_generation=finals.generation.get(label),
+        under_load=comparison.under_load,
+        load_percent=comparison.load_percent,
     )
 
 
@@ -160,6 +166,12 @@ def decide(names: Mapping[str, TrialRecord], comparison: Comparison) -> tuple[st
     p_value = comparison.p_not_faster[chosen]
     p_text = "p<0.001" if p_value < 0.001 else f"p={p_value:.3f}"
     details = f"IQR {low:.2f}-{high:.2f}, {p_text} over {comparison.rounds} interleaved rounds"
+    if comparison.under_load:
+        details += (
+            f", measured under load: other work used {comparison.load_percent:.0f}% of the CPUs"
+        )
+    elif comparison.rounds_discarded:
+        details += f"; {comparison.rounds_discarded} rounds under load discarded"
     if not _proven(comparison, chosen):
         return BASELINE, (
             f"no candidate beat the baseline beyond noise and chance (best: {record.backend} at "

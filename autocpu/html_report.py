@@ -16,7 +16,13 @@ from typing import Any
 from autocpu import report_figures as figures
 from autocpu.errors import AutocpuError
 from autocpu.plans import Plan, atomic_write
-from autocpu.report import format_params, generation_summary, speedup_cell, workload_cell
+from autocpu.report import (
+    format_params,
+    generation_summary,
+    load_note,
+    speedup_cell,
+    workload_cell,
+)
 from autocpu.report_figures import REL_FLOOR, Row, pareto_front
 
 __all__ = ["pareto_front", "write_report"]
@@ -112,6 +118,7 @@ def _header(plan: Plan) -> str:
         ("tolerance", _tolerance(plan.tolerance)),
         ("tune time", f"{plan.tune_seconds:.1f} s, {plan.study_trials} study trials"),
         ("measured in", plan.measured_in),
+        *([("load", note)] if (note := load_note(plan)) else []),
         ("plan", f"{plan.key} created {plan.created}"),
     ]
     return (

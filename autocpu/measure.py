@@ -7,7 +7,10 @@ on a shared 2-vCPU machine absolute numbers taken minutes apart differ by up to 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import os
 import statistics
 import time
 import warnings
@@ -128,6 +131,90 @@ class Comparison:
     #: One-sided signed-rank p-value that the candidate is no faster than the baseline.
     p_not_faster: dict[str, float]
     rounds: int
+    #: Rounds thrown away because other work used more than LOAD_LIMIT of the CPUs.
+    rounds_discarded: int = 0
+    #: True when quiet rounds could not be had within the time cap: the numbers include
+    #: rounds taken while other work ran, and hold for a machine that busy, not a quiet one.
+    under_load: bool = False
+    #: Median share of the usable CPUs that other work used during the rounds, in percent.
+    load_percent: float = 0.0
+
+
+#: A round during which other work (other processes, and the hypervisor's steal time) used more
+#: than this share of the usable CPUs is discarded: two busy-loop processes on a 2-vCPU VM made
+#: a 13-230 ms baseline take ~1.1 s per call and stored speedups 3-30x off.
+LOAD_LIMIT = 0.25
+#: Seconds of rounds under load to sit through, waiting for quiet ones, before measuring anyway
+#: and marking the result as measured under load.
+MAX_LOADED_S = 30.0
+
+
+def _proc_stat_jiffies(cpus: set[int]) -> tuple[int, int]:
+    """Busy and steal jiffies of ``cpus`` since boot, from ``/proc/stat``'s ``cpuN`` lines."""
+    busy = steal = 0
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, stolen = map(int, fields[:8])
+            busy += user + nice + system + irq + softirq
+            steal += stolen
+    return busy, steal
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and every live descendant."""
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        processes = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class LoadMeter:
+    """The share of the usable CPUs that other work used since :meth:`start`.
+
+    Other work is everything ``/proc/stat`` counts busy on this process's CPUs (its affinity)
+    or stolen by the hypervisor, less the CPU time of the tune's own process tree (rooted at
+    ``root``: the tuner, whose workers do the measuring). Where ``/proc/stat`` cannot be read
+    the share is 0: load is then unknown, not assumed.
+    """
+
+    def __init__(self, root: int | None = None) -> None:
+        from autocpu.isolation import PARENT_ENV  # here: isolation imports this module's users
+
+        self.root = root if root is not None else int(os.environ.get(PARENT_ENV, os.getpid()))
+        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[float, float, float] | None = None
+
+    def _now(self) -> tuple[float, float, float] | None:
+        try:
+            busy, steal = _proc_stat_jiffies(self.cpus)
+        except (OSError, ValueError):
+            return None
+        return time.perf_counter(), (busy + steal) / self._hz, _tree_cpu_s(self.root)
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def share(self) -> float:
+        """Other work's CPU seconds over wall seconds times usable CPUs, since start()."""
+        now = self._now()
+        if self._start is None or now is None or not self.cpus:
+            return 0.0
+        wall = now[0] - self._start[0]
+        other = (now[1] - self._start[1]) - (now[2] - self._start[2])
+        return max(0.0, other) / (wall * len(self.cpus)) if wall > 0 else 0.0
 
 
 def signed_rank_p(ratios: Sequence[float]) -> float:
@@ -182,6 +269,9 @@ def interleaved(
     settle_calls: int = 1,
     settled: Callable[[Comparison], bool] | None = None,
     max_time_unsettled_s: float = 120.0,
+    load: LoadMeter | None = None,
+    max_loaded_s: float = MAX_LOADED_S,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Comparison:
     """Run A B C A B C ... and compare each candidate with ``baseline`` round by round.
 
@@ -194,33 +284,64 @@ def interleaved(
     previous runtime's threads still spin-wait: on a 2-vCPU VM ONNX Runtime and PyTorch called
     alternately took 71-85 ms per pair against 33 ms for the two run apart), and a deployment
     runs one runtime, not two taking turns.
+
+    ``load`` (a :class:`LoadMeter`, one made here by default) watches each round: a round in
+    which other work used more than LOAD_LIMIT of the CPUs is discarded and run again. Rounds
+    under load stop counting against the caps; after ``max_loaded_s`` of them the loaded rounds
+    are kept too, and the comparison says it was measured under load. ``clock`` times the calls.
     """
     if baseline not in workloads:
         raise ValueError(f"baseline {baseline!r} is not among the workloads")
+    meter = load if load is not None else LoadMeter()
     for workload in workloads.values():
         warm_up(workload, warmup)
-    samples: dict[str, list[float]] = {name: [] for name in workloads}
-    started = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds:
+    quiet: dict[str, list[float]] = {name: [] for name in workloads}
+    loaded: dict[str, list[float]] = {name: [] for name in workloads}
+    shares: list[float] = []
+    quiet_s = loaded_s = 0.0
+    turns = 0
+    while len(quiet[baseline]) < max_rounds:
         order = list(workloads.items())
-        if rounds % 2:
+        if turns % 2:
             order.reverse()  # alternate order so neither side always runs first
+        turns += 1
+        meter.start()
+        round_started = clock()
+        times = {}
         for name, workload in order:
             for _ in range(settle_calls):
                 workload()
-            t0 = time.perf_counter()
+            t0 = clock()
             workload()
-            samples[name].append(time.perf_counter() - t0)
-        rounds += 1
-        if rounds < min_rounds:
+            times[name] = clock() - t0
+        share = meter.share()
+        shares.append(share)
+        took = clock() - round_started
+        if share > LOAD_LIMIT and loaded_s < max_loaded_s:
+            loaded_s += took
+            for name, value in times.items():
+                loaded[name].append(value)
             continue
-        elapsed = time.perf_counter() - started
-        if elapsed > max_time_s and (
-            settled is None or elapsed > max_time_unsettled_s or settled(compare(samples, baseline))
+        quiet_s += took
+        for name, value in times.items():
+            quiet[name].append(value)
+        if len(quiet[baseline]) < min_rounds:
+            continue
+        if quiet_s > max_time_s and (
+            settled is None or quiet_s > max_time_unsettled_s or settled(compare(quiet, baseline))
         ):
             break
-    return compare(samples, baseline)
+    # Quiet rounds are the measurement. Only when the load never let up (the loaded-time cap
+    # was reached) do rounds taken under load count, and the result says so.
+    under_load = loaded_s >= max_loaded_s
+    kept = {name: loaded[name] + quiet[name] for name in workloads} if under_load else quiet
+    result = compare(kept, baseline)
+    return dataclasses.replace(
+        result,
+        rounds_discarded=0 if under_load else len(loaded[baseline]),
+        under_load=under_load,
+        load_percent=100 * statistics.median(shares) if shares else 0.0,
+    )
 
 
 #: Other work above this share of the CPUs makes latencies noisy: 2-thread PyTorch calls of

@@ -125,6 +125,11 @@ class Plan:
     search: str = "tpe"
     cpu_busy_percent: float = 0.0
     measured_in: str = "in-process"
+    #: True when the finals found no quiet rounds: the speedup holds for a machine as busy as
+    #: that one was (``load_percent`` of its CPUs used by other work), not for a quiet one.
+    #: ``autocpu bench --update`` re-measures it.
+    measured_under_load: bool = False
+    load_percent: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: int = PLAN_FORMAT
 

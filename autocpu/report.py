@@ -55,6 +55,21 @@ def generation_summary(plan: Plan) -> str | None:
     )
 
 
+def load_note(plan: Plan) -> str | None:
+    """What a speedup measured under load means, or None for one measured on a quiet machine."""
+    if not plan.measured_under_load:
+        return None
+    return (
+        f"measured under load: other work used {plan.load_percent:.0f}% of the CPUs during the "
+        "finals, so the speedup holds for a machine that busy; 'autocpu bench --update' "
+        "re-measures it on a quiet one"
+    )
+
+
+def speedup_text(plan: Plan) -> str:
+    return f"{plan.speedup:.2f}x" + (" (under load)" if plan.measured_under_load else "")
+
+
 def workload_cell(plan: Plan) -> str:
     tokens = plan.workload_settings.get("max_new_tokens")
     return f"{plan.workload} {tokens}" if tokens else plan.workload
@@ -94,6 +109,9 @@ def explain_table(plan: Plan) -> str:
     summary = generation_summary(plan)
     if summary:
         caption = f"{summary}; {caption}"
+    note = load_note(plan)
+    if note:
+        caption = f"{note}; {caption}"
     table = Table(title=f"autocpu plan {plan.key[:12]}", caption=caption, show_lines=False)
     columns = ["backend", "settings", "median ms", "IQR ms", "p90 ms", "speedup"]
     columns += ["TTFT ms", "tokens/s"] if generates else []
@@ -144,8 +162,8 @@ def plans_table(plans: list[Plan], title: str = "cached plans") -> str:
             workload_cell(plan),
             inputs_cell(plan),
             f"{plan.backend} {format_params(plan.params)}",
-            f"{plan.speedup:.2f}x",
+            speedup_text(plan),
             plan.tolerance.get("name", "custom"),
             plan.created,
         )
-    return render(table)
+    return render(table, width=220)  # nine columns: a narrower table folds every cell

@@ -214,6 +214,8 @@ def _plan_of(
         search=tuning.options.search,
         cpu_busy_percent=costs.cpu_busy_percent,
         measured_in=costs.measured_in,
+        measured_under_load=result.under_load,
+        load_percent=result.load_percent,
     )
 
 
