@@ -4,10 +4,14 @@ reports and ``autocpu bench --update`` say and fix it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import tiny_inputs, tiny_model
@@ -89,8 +93,31 @@ def test_a_machine_that_stays_busy_is_measured_and_marked() -> None:
     assert result.rounds >= 7 and result.rounds_discarded == 0
 
 
-def _hogs(count: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+#: Starts a busy loop that is not this process's child (the process that starts it exits at
+#: once), so the meter counts it as other work, and prints its pid.
+_DETACHED_HOG = (
+    "import subprocess, sys; "
+    "print(subprocess.Popen([sys.executable, '-c', 'while True: pass'], "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True).pid)"
+)
+
+
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` busy-loop processes outside this process tree while the block runs."""
+    pids = []
+    try:
+        for _ in range(count):
+            started = subprocess.run(
+                [sys.executable, "-c", _DETACHED_HOG], capture_output=True, text=True, check=True
+            )
+            pids.append(int(started.stdout))
+        time.sleep(0.3)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -101,15 +128,10 @@ def test_the_meter_sees_other_processes_but_not_this_one() -> None:
     while time.perf_counter() < deadline:  # this process's own work is not load
         pass
     assert meter.share() < LOAD_LIMIT
-    hogs = _hogs(len(meter.cpus))
-    try:
-        time.sleep(0.3)
+    with busy_loops(len(meter.cpus)):
         meter.start()
         time.sleep(1.0)
         assert meter.share() > 0.5
-    finally:
-        for hog in hogs:
-            hog.kill()
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +146,15 @@ def quiet_plan() -> autocpu.Plan:
 @pytest.mark.slow
 def test_a_tune_under_two_busy_loops_is_marked(quiet_plan: autocpu.Plan) -> None:
     model = tiny_model("bert", "AutoModelForSequenceClassification")
-    hogs = _hogs(len(LoadMeter().cpus))
-    try:
-        with pytest.warns(autocpu.AutocpuWarning, match="busy"):
-            tuned = autocpu.tune(
-                model,
-                tiny_inputs(),
-                backends=["torchscript"],
-                n_trials=2,
-                isolation="none",
-                cache=False,
-            )
-    finally:
-        for hog in hogs:
-            hog.kill()
+    with busy_loops(len(LoadMeter().cpus)), pytest.warns(autocpu.AutocpuWarning, match="busy"):
+        tuned = autocpu.tune(
+            model,
+            tiny_inputs(),
+            backends=["torchscript"],
+            n_trials=2,
+            isolation="none",
+            cache=False,
+        )
     plan = tuned.plan
     assert plan.measured_under_load and plan.load_percent > 100 * LOAD_LIMIT
     assert "measured under load" in plan.decision
