@@ -271,7 +271,7 @@ def interleaved(
     max_time_unsettled_s: float = 120.0,
     load: LoadMeter | None = None,
     max_loaded_s: float = MAX_LOADED_S,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
 ) -> Comparison:
     """Run A B C A B C ... and compare each candidate with ``baseline`` round by round.
 
@@ -288,11 +288,13 @@ def interleaved(
     ``load`` (a :class:`LoadMeter`, one made here by default) watches each round: a round in
     which other work used more than LOAD_LIMIT of the CPUs is discarded and run again. Rounds
     under load stop counting against the caps; after ``max_loaded_s`` of them the loaded rounds
-    are kept too, and the comparison says it was measured under load. ``clock`` times the calls.
+    are kept too, and the comparison says it was measured under load. ``clock`` (default
+    ``time.perf_counter``, looked up per call) times the calls.
     """
     if baseline not in workloads:
         raise ValueError(f"baseline {baseline!r} is not among the workloads")
     meter = load if load is not None else LoadMeter()
+    clock = clock or time.perf_counter
     for workload in workloads.values():
         warm_up(workload, warmup)
     quiet: dict[str, list[float]] = {name: [] for name in workloads}

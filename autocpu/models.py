@@ -174,7 +174,7 @@ def _architecture(directory: Path) -> str:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise AutocpuError(
-            f"cannot read {directory / 'config.json'} ({one_line(error, 160)})",
+            f"cannot load the model in {directory} (config.json: {one_line(error, 160)})",
             "pass a folder save_pretrained() wrote",
         ) from None
     architectures = config.get("architectures") if isinstance(config, dict) else None

@@ -18,7 +18,9 @@ from architectures import ARCHITECTURES, Architecture
 from conftest import write_tokenizer
 
 import autocpu
+from autocpu.backends import get_backend
 from autocpu.cli import main
+from autocpu.hardware import probe
 from autocpu.inputs import synthesize_inputs
 from autocpu.models import load_model_dir
 from autocpu.outputs import CACHE_FIELDS
@@ -37,6 +39,17 @@ NOT_EXPORTED = {
 }
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _unavailable_exporters() -> list[str]:
+    hw = probe()
+    return [name for name in EXPORTERS if not get_backend(name).availability(None, hw).ok]
+
+
+#: The legacy lane (torch 2.8, optimum 1.x) has neither exporter's runtime.
+needs_exporters = pytest.mark.skipif(
+    bool(_unavailable_exporters()), reason="needs onnxruntime and openvino (the 'all' extra)"
+)
 
 
 def _fields(output: Any) -> dict[str, torch.Tensor]:
@@ -66,6 +79,7 @@ def _forced(model: torch.nn.Module, plan: Any, trial: Any, inputs: dict) -> Any:
 
 
 @pytest.mark.slow
+@needs_exporters
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.id)
 def test_api_with_inputs_tunes_the_class_on_every_engine(arch: Architecture) -> None:
     model = arch.build()
@@ -154,6 +168,7 @@ def ort_bert() -> tuple[torch.nn.Module, Any, dict]:
     return model, _forced(model, tuned.plan, trial, inputs), inputs
 
 
+@needs_exporters
 def test_an_exported_plan_serves_options_it_cannot_honour_with_the_original(ort_bert) -> None:
     model, tuned, inputs = ort_bert
     assert tuned.runner.fixed_outputs
@@ -172,6 +187,7 @@ def test_an_exported_plan_serves_options_it_cannot_honour_with_the_original(ort_
         model.forward = original_forward
 
 
+@needs_exporters
 def test_labels_give_the_loss_the_original_computes() -> None:
     classifier = ARCHITECTURES[0].build()
     inputs = synthesize_inputs(classifier, 2, 16)
@@ -201,6 +217,7 @@ SEQ2SEQ = [a for a in ARCHITECTURES if a.task == "text2text-generation"]
 
 
 @pytest.mark.slow
+@needs_exporters
 @pytest.mark.parametrize("arch", SEQ2SEQ, ids=lambda a: a.id)
 def test_encoder_decoders_are_tuned_on_generate_and_serve_it(arch: Architecture) -> None:
     model = arch.build()

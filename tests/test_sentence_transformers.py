@@ -31,7 +31,7 @@ def test_encode_runs_on_the_plan_with_the_same_embeddings(minilm) -> None:
     expected = minilm.encode(SENTENCES, convert_to_tensor=True)
     original = minilm[0].model
     tuned = autocpu.tune_sentence_transformer(
-        minilm, SENTENCES, backends=["onnxruntime"], n_trials=2, isolation="none"
+        minilm, SENTENCES, backends=["eager", "onnxruntime"], n_trials=3, isolation="none"
     )
     assert minilm[0].model is tuned and tuned.model is original
     engine_calls, original_calls = [], []
