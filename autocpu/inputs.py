@@ -161,7 +161,7 @@ def synthesize_inputs(
             f"{main_input!r}",
             "pass example_inputs (the processor's output for a few real samples)",
         )
-    batch = _accepted(model, _token_batch(model_dir, config, batch_size, seq_len, generator))
+    batch = _token_batch(model_dir, config, batch_size, seq_len, generator)
     if infer_task(model) == "multiple-choice":
         batch = {k: v.unsqueeze(1).expand(-1, CHOICES, -1).contiguous() for k, v in batch.items()}
     if getattr(config, "is_encoder_decoder", False):
@@ -171,12 +171,13 @@ def synthesize_inputs(
         batch["decoder_input_ids"] = torch.cat(
             [torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1
         )
-    return batch
+    # Only what forward takes: a tokenizer may return token_type_ids for a model without token
+    # types, and an encoder-only class can keep its encoder-decoder config.
+    return _accepted(model, batch)
 
 
 def _accepted(model: Any, batch: Batch) -> Batch:
-    """The inputs ``model.forward`` takes: a tokenizer may return more (``token_type_ids``
-    for a model without token types)."""
+    """The inputs ``model.forward`` takes."""
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
