@@ -19,7 +19,7 @@ from conftest import tiny_inputs, tiny_model
 import autocpu
 from autocpu.bench import BenchResult, updated_plan
 from autocpu.errors import AutocpuError
-from autocpu.measure import LOAD_LIMIT, LoadMeter, interleaved
+from autocpu.measure import LOAD_LIMIT, Comparison, LoadMeter, interleaved
 from autocpu.report import explain_table, plans_table
 
 
@@ -58,9 +58,10 @@ def workloads(clock: FakeClock, load: ScriptedLoad) -> dict:
     return {"base": taking(0.010, 0.100), "fast": taking(0.005, 0.005)}
 
 
-def test_rounds_under_load_are_discarded_and_run_again() -> None:
-    clock, load = FakeClock(), ScriptedLoad([0.0, 0.9, 0.9, 0.0, 0.9])
-    result = interleaved(
+def measured(load: ScriptedLoad, **options: float) -> Comparison:
+    """7 interleaved rounds on the fake clock under the scripted ``load``."""
+    clock = FakeClock()
+    return interleaved(
         workloads(clock, load),
         "base",
         warmup=0,
@@ -69,7 +70,12 @@ def test_rounds_under_load_are_discarded_and_run_again() -> None:
         load=load,
         clock=clock,
         settle_calls=0,
+        **options,
     )
+
+
+def test_rounds_under_load_are_discarded_and_run_again() -> None:
+    result = measured(ScriptedLoad([0.0, 0.9, 0.9, 0.0, 0.9]))
     assert result.rounds == 7 and result.rounds_discarded == 3
     assert not result.under_load
     assert result.speedup["fast"] == pytest.approx(2.0)
@@ -77,18 +83,7 @@ def test_rounds_under_load_are_discarded_and_run_again() -> None:
 
 
 def test_a_machine_that_stays_busy_is_measured_and_marked() -> None:
-    clock, load = FakeClock(), ScriptedLoad([], then=0.9)
-    result = interleaved(
-        workloads(clock, load),
-        "base",
-        warmup=0,
-        min_rounds=7,
-        max_time_s=0.0,
-        load=load,
-        clock=clock,
-        settle_calls=0,
-        max_loaded_s=0.5,
-    )
+    result = measured(ScriptedLoad([], then=0.9), max_loaded_s=0.5)
     assert result.under_load and result.load_percent == pytest.approx(90.0)
     assert result.rounds >= 7 and result.rounds_discarded == 0
 
