@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from conftest import tiny_config
 
 from autocpu import tasks
 from autocpu.backends import _optimum_common as common
@@ -86,16 +87,10 @@ def test_a_head_the_table_does_not_know_is_not_exported_as_another_task() -> Non
     from autocpu.hardware import probe
     from autocpu.models import make_spec
 
-    model = transformers.BertForPreTraining(tiny_config_for_tasks())
+    model = transformers.BertForPreTraining(tiny_config("bert"))
     assert task_for_class_name("BertForPreTraining") is None
     assert infer_task(model) == tasks.CUSTOM_TASK
     pytest.importorskip("onnxruntime")  # the legacy lane has no runtime to be refused by
     answer = get_backend("onnxruntime").availability(make_spec(model), probe())
     assert not answer.ok and "knows no task for BertForPreTraining" in answer.reason
     assert "text-classification" in answer.fix
-
-
-def tiny_config_for_tasks() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
-    )
