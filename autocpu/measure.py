@@ -7,6 +7,7 @@ on a shared 2-vCPU machine absolute numbers taken minutes apart differ by up to 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -180,13 +181,21 @@ def _tree_cpu_s(root: int) -> float:
     return total
 
 
+#: ``/proc/stat`` counts in jiffies (10 ms each): a round of a few milliseconds sees none or
+#: one of them, a share of 0% or several hundred. A round's share is therefore read over at
+#: least this much time, the round and those just before it.
+LOAD_WINDOW_S = 0.5
+
+
 class LoadMeter:
-    """The share of the usable CPUs that other work used since :meth:`start`.
+    """The share of the usable CPUs that other work used lately.
 
     Other work is everything ``/proc/stat`` counts busy on this process's CPUs (its affinity)
     or stolen by the hypervisor, less the CPU time of the tune's own process tree (rooted at
-    ``root``: the tuner, whose workers do the measuring). Where ``/proc/stat`` cannot be read
-    the share is 0: load is then unknown, not assumed.
+    ``root``: the tuner, whose workers do the measuring). :meth:`start` marks the start of a
+    round; :meth:`share` reads the window since the newest mark at least LOAD_WINDOW_S old (or
+    the oldest mark). Where ``/proc/stat`` cannot be read the share is 0: load is then unknown,
+    not assumed.
     """
 
     def __init__(self, root: int | None = None) -> None:
@@ -195,7 +204,8 @@ class LoadMeter:
         self.root = root if root is not None else int(os.environ.get(PARENT_ENV, os.getpid()))
         self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._start: tuple[float, float, float] | None = None
+        #: (wall seconds, busy+steal CPU seconds, own tree's CPU seconds) at each mark
+        self._marks: collections.deque[tuple[float, float, float]] = collections.deque()
 
     def _now(self) -> tuple[float, float, float] | None:
         try:
@@ -205,15 +215,20 @@ class LoadMeter:
         return time.perf_counter(), (busy + steal) / self._hz, _tree_cpu_s(self.root)
 
     def start(self) -> None:
-        self._start = self._now()
+        now = self._now()
+        if now is not None:
+            self._marks.append(now)
 
     def share(self) -> float:
-        """Other work's CPU seconds over wall seconds times usable CPUs, since start()."""
+        """Other work's CPU seconds over wall seconds times usable CPUs, over the window."""
         now = self._now()
-        if self._start is None or now is None or not self.cpus:
+        if not self._marks or now is None or not self.cpus:
             return 0.0
-        wall = now[0] - self._start[0]
-        other = (now[1] - self._start[1]) - (now[2] - self._start[2])
+        while len(self._marks) > 1 and now[0] - self._marks[1][0] >= LOAD_WINDOW_S:
+            self._marks.popleft()
+        since = self._marks[0]
+        wall = now[0] - since[0]
+        other = (now[1] - since[1]) - (now[2] - since[2])
         return max(0.0, other) / (wall * len(self.cpus)) if wall > 0 else 0.0
 
 

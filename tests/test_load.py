@@ -19,7 +19,7 @@ from conftest import tiny_inputs, tiny_model
 import autocpu
 from autocpu.bench import BenchResult, updated_plan
 from autocpu.errors import AutocpuError
-from autocpu.measure import LOAD_LIMIT, Comparison, LoadMeter, interleaved
+from autocpu.measure import LOAD_LIMIT, LOAD_WINDOW_S, Comparison, LoadMeter, interleaved
 from autocpu.report import explain_table, plans_table
 
 
@@ -127,6 +127,20 @@ def test_the_meter_sees_other_processes_but_not_this_one() -> None:
         meter.start()
         time.sleep(1.0)
         assert meter.share() > 0.5
+
+
+@pytest.mark.slow
+def test_rounds_shorter_than_a_jiffy_are_judged_over_a_window() -> None:
+    meter = LoadMeter()
+    with busy_loops(len(meter.cpus)):
+        meter.start()
+        time.sleep(LOAD_WINDOW_S)
+        shares = []
+        for _ in range(30):  # 2 ms rounds: /proc/stat moves in 10 ms jiffies
+            meter.start()
+            time.sleep(0.002)
+            shares.append(meter.share())
+    assert min(shares) > LOAD_LIMIT, shares
 
 
 @pytest.fixture(scope="module")
