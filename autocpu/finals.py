@@ -1,5 +1,10 @@
 """The finals: the fastest candidates re-checked at a second sequence length, re-measured
-against the baseline interleaved, and the decision.
+against the baseline in alternating turns, and the decision.
+
+Each finalist and the baseline is a :class:`Contender`: built once and kept warm, in a worker
+process of its own (the default: a deployment runs one engine in its process, and runtimes
+sharing one disturb each other's timings) or, with ``isolation="none"``, all in this process,
+which is biased and meant for tests.
 
 The fastest finalist wins if it beats the baseline beyond noise (median per-round ratio) and
 beyond chance (one-sided signed-rank test); finalists within noise of the fastest tie, and a
@@ -9,19 +14,18 @@ tie goes to the simplest backend.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from autocpu.backends import get_backend
 from autocpu.errors import one_line
-from autocpu.measure import Comparison, LatencyStats, interleaved
+from autocpu.measure import Comparison, LatencyStats, alternate
 from autocpu.records import BASELINE, FAILED, INACCURATE, OK, GenerationStats, TrialRecord
 
 if TYPE_CHECKING:
-    from autocpu.trials import Executor, TrialRunner
+    from autocpu.accuracy import AccuracyReport
+    from autocpu.trials import Executor
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,39 @@ NOISE = 0.03
 FINALISTS = 3
 #: A finalist must beat the baseline at this one-sided significance (signed-rank test).
 ALPHA = 0.05
+
+
+#: Untimed calls a contender makes once built, before its first turn.
+WARMUP_CALLS = 2
+
+
+class FinalsError(RuntimeError):
+    """A contender could not be built or run; the message names it and why, in one line."""
+
+
+class Contender(Protocol):
+    """One engine of the finals, built and warm, taking timed turns."""
+
+    def check_second_length(self) -> AccuracyReport | None:
+        """Its accuracy at a second sequence length (None where the workload has none)."""
+        ...
+
+    def turn(self, settle_calls: int) -> float:
+        """``settle_calls`` untimed calls, then one timed call: its seconds."""
+        ...
+
+    def generation_stats(self) -> GenerationStats | None: ...
+
+    def close(self) -> None: ...
+
+
+def contender_name(record: TrialRecord | None) -> str:
+    """How messages name the contender of ``record`` (None: the baseline)."""
+    return "fp32 eager" if record is None else record.backend
+
+
+#: Builds the contender of a record (None: the baseline); raises FinalsError when it cannot.
+StartContender = Callable[[TrialRecord | None], Contender]
 
 
 @dataclass
@@ -65,52 +102,66 @@ class SearchResult:
     load_percent: float = 0.0
 
 
-def run_finals(runner: TrialRunner, candidates: list[TrialRecord]) -> Finals:
+def run_finals(candidates: list[TrialRecord], start: StartContender, settle_calls: int) -> Finals:
     """Check ``candidates`` (fastest first) at a second length until FINALISTS pass, then
-    re-measure those against the baseline interleaved until the decision is settled."""
+    re-measure those against the baseline in alternating turns until the decision is settled."""
     checked: list[TrialRecord] = []
     finalists: dict[str, TrialRecord] = {}
-    for record in candidates:
-        if len(finalists) == FINALISTS:
-            break
-        checked.append(record)
-        try:
-            report = runner.check_second_length(record)
-        except Exception as error:  # a graph that only runs at the example's shape
-            record.fail(FAILED, f"at a second length: {one_line(error)}")
-            continue
-        if report is not None and not report.passed:
-            record.fail(INACCURATE, "; ".join(report.failures[:3]))
-            continue
-        finalists[f"candidate{len(finalists)}"] = record
-    runners = {BASELINE: runner.baseline_runner()}
-    for label, record in finalists.items():
-        runners[label], _ = runner.runner(get_backend(record.backend), record.params)
-    workload = runner.workload
-    timed = {label: workload.timed(built) for label, built in runners.items()}
+    contenders: dict[str, Contender] = {}
     try:
-        comparison = interleaved(
-            timed,
+        for record in candidates:
+            if len(finalists) == FINALISTS:
+                break
+            checked.append(record)
+            contender = _checked(record, start)
+            if contender is not None:
+                label = f"candidate{len(finalists)}"
+                finalists[label], contenders[label] = record, contender
+        contenders = {BASELINE: start(None), **contenders}
+        comparison = alternate(
+            {label: contender.turn for label, contender in contenders.items()},
             BASELINE,
-            settle_calls=workload.settle_calls,
+            settle_calls=settle_calls,
             settled=lambda so_far: not undecided(finalists, so_far),
         )
         generation = {
             label: stats
-            for label, built in runners.items()
-            if (stats := workload.generation_stats(built)) is not None
+            for label, contender in contenders.items()
+            if (stats := contender.generation_stats()) is not None
         }
     finally:
-        torch.set_num_threads(runner.default_threads)
+        for contender in contenders.values():
+            contender.close()
     for label, record in finalists.items():
         record.speedup = comparison.speedup[label]
     return Finals(checked, finalists, comparison, generation)
 
 
+def _checked(record: TrialRecord, start: StartContender) -> Contender | None:
+    """``record``'s contender if it builds and passes at a second length; else None, with the
+    failure in the record."""
+    try:
+        contender = start(record)
+    except FinalsError as error:
+        record.fail(FAILED, str(error))
+        return None
+    try:
+        report = contender.check_second_length()
+    except Exception as error:  # a graph that only runs at the example's shape
+        contender.close()
+        record.fail(FAILED, f"at a second length: {one_line(error)}")
+        return None
+    if report is not None and not report.passed:
+        contender.close()
+        record.fail(INACCURATE, "; ".join(report.failures[:3]))
+        return None
+    return contender
+
+
 def conclude(executor: Executor, baseline: TrialRecord, records: list[TrialRecord]) -> SearchResult:
     """Run the finals over the study's feasible candidates and decide."""
     feasible = sorted((r for r in records if r.status == OK), key=lambda r: r.median_ms)
-    finals = executor.finals(feasible)
+    finals = run_finals(feasible, executor.contender, executor.workload.settle_calls)
     label, decision = decide(finals.finalists, finals.comparison)
     log.info("decision: %s", decision)
     updated = {r.identity: r for r in finals.checked}  # second-length verdicts and speedups

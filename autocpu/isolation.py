@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing.connection
 import os
 import pickle
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,6 @@ from autocpu.errors import AutocpuWarning
 from autocpu.records import FAILED, TrialRecord
 
 if TYPE_CHECKING:  # both import torch: not before guard_worker has run
-    from autocpu.finals import Finals
     from autocpu.options import TuneOptions
     from autocpu.trials import Executor, TrialRunner
     from autocpu.workloads import Workload
@@ -49,6 +50,8 @@ FOLDER_PREFIX = "autocpu-worker-"
 #: A worker's environment: the tuner's pid, and the descriptor of the tuner's lifeline.
 PARENT_ENV = "AUTOCPU_WORKER_PARENT"
 LIFELINE_ENV = "AUTOCPU_WORKER_LIFELINE"
+#: A warm worker's environment: the descriptor of its socket to the tuner.
+CHANNEL_ENV = "AUTOCPU_WORKER_CHANNEL"
 #: prctl option: the kernel sends the signal when the thread that started this process ends.
 PR_SET_PDEATHSIG = 1
 
@@ -80,69 +83,181 @@ class IsolatedExecutor:
         self.memory_limit = memory_limit_bytes
 
     def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord:
-        threads = record.params.get("threads") or self.job.default_threads
-        outcome = self._spawn(("trial", record, give_up_above_ms), threads, self.trial_timeout)
+        task = ("trial", record, give_up_above_ms)
+        outcome = self._spawn(task, self.threads(record), self.trial_timeout)
         return record.fail(FAILED, outcome) if isinstance(outcome, str) else outcome
 
-    def finals(self, candidates: list[TrialRecord]) -> Finals:
-        timeout = self.trial_timeout * 4
-        outcome = self._spawn(("finals", candidates), self.job.default_threads, timeout)
-        if isinstance(outcome, str):
-            raise RuntimeError(f"the final comparison failed: {outcome}")
-        return outcome
+    @property
+    def workload(self) -> Workload:
+        return self.job.workload
+
+    def contender(self, record: TrialRecord | None) -> WarmWorker:
+        return WarmWorker(self, record)
+
+    def threads(self, record: TrialRecord | None) -> int:
+        """The threads ``record``'s candidate runs with (the baseline: torch's default)."""
+        return (record.params.get("threads") if record else None) or self.job.default_threads
+
+    def start(
+        self, folder: Path, task: tuple, threads: int, channel: int | None = None
+    ) -> subprocess.Popen:
+        """Start a worker on ``task`` in ``folder`` (its job, result and log files), with
+        ``channel`` (a socket descriptor) passed on for a warm worker."""
+        job_path, result_path, log_path = (folder / n for n in ("job", "result", "log"))
+        job_path.write_bytes(pickle.dumps((self.job, task)))
+        line = lifeline()
+        env = {
+            **os.environ,
+            **thread_env(threads),
+            PARENT_ENV: str(os.getpid()),
+            LIFELINE_ENV: str(line),
+        }
+        if channel is not None:
+            env[CHANNEL_ENV] = str(channel)
+        with open(log_path, "wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "autocpu.isolation", str(job_path), str(result_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Its own process group, so that kill() and the worker's janitor reach
+                # everything the worker started, and a terminal's Ctrl-C (SIGINT to the
+                # foreground group) reaches only this process, which kills the worker
+                # whether or not the interrupt is then caught.
+                start_new_session=True,
+                pass_fds=(line,) if channel is None else (line, channel),
+            )
 
     def _spawn(self, task: tuple, threads: int, timeout: float) -> Any:
         """Run ``task`` in a worker; its result, or a one-line reason why there is none."""
         with tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX) as tmp:
-            job_path, result_path, log_path = (Path(tmp) / n for n in ("job", "result", "log"))
-            job_path.write_bytes(pickle.dumps((self.job, task)))
-            line = lifeline()
-            env = {
-                **os.environ,
-                **thread_env(threads),
-                PARENT_ENV: str(os.getpid()),
-                LIFELINE_ENV: str(line),
-            }
-            with open(log_path, "wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "autocpu.isolation", str(job_path), str(result_path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    # Its own process group, so that kill() and the worker's janitor reach
-                    # everything the worker started, and a terminal's Ctrl-C (SIGINT to the
-                    # foreground group) reaches only this process, which kills the worker below
-                    # whether or not the interrupt is then caught.
-                    start_new_session=True,
-                    pass_fds=(line,),
-                )
-                try:
-                    problem = self._watch(process, timeout)
-                finally:
-                    if process.poll() is None:  # interrupted or failed while watching
-                        kill(process)
+            folder = Path(tmp)
+            process = self.start(folder, task, threads)
+            try:
+                problem = self._watch(process, timeout)
+            finally:
+                if process.poll() is None:  # interrupted or failed while watching
+                    kill(process)
+            result_path = folder / "result"
             if problem is None and result_path.exists():
                 return pickle.loads(result_path.read_bytes())
             if problem is None:
                 problem = exit_reason(process.returncode)
-            return f"{problem}{last_line(log_path)}"
+            return f"{problem}{last_line(folder / 'log')}"
 
     def _watch(self, process: subprocess.Popen, timeout: float) -> str | None:
         """Wait for the worker; kill it past the timeout or the memory limit."""
         started = time.monotonic()
         while process.poll() is None:
-            if time.monotonic() - started > timeout:
+            problem = self.overstepped(process, started, timeout)
+            if problem is not None:
                 kill(process)
-                return f"hung: no result after {timeout:.0f} s (trial timeout)"
-            rss = tree_rss(process.pid)
-            if rss > self.memory_limit:
-                kill(process)
-                return (
-                    f"exceeded the memory limit: {rss / 2**30:.1f} GiB > "
-                    f"{self.memory_limit / 2**30:.1f} GiB"
-                )
+                return problem
             time.sleep(POLL_S)
         return None
+
+    def overstepped(self, process: subprocess.Popen, since: float, timeout: float) -> str | None:
+        """Why a worker busy since ``since`` (monotonic) must be killed, or None."""
+        if time.monotonic() - since > timeout:
+            return f"hung: no result after {timeout:.0f} s (trial timeout)"
+        rss = tree_rss(process.pid)
+        if rss > self.memory_limit:
+            return (
+                f"exceeded the memory limit: {rss / 2**30:.1f} GiB > "
+                f"{self.memory_limit / 2**30:.1f} GiB"
+            )
+        return None
+
+
+class WarmWorker:
+    """A finals contender (a :class:`~autocpu.finals.Contender`) in a worker process of its own:
+    built once and kept warm, it waits on its socket while the other contenders take their
+    turns, so it never shares its process, or its CPUs, with another runtime. Each request has
+    the trial timeout and the memory limit; a worker that fails them is killed and the finals
+    get a one-line :class:`~autocpu.finals.FinalsError`."""
+
+    def __init__(self, executor: IsolatedExecutor, record: TrialRecord | None) -> None:
+        from autocpu.finals import FinalsError, contender_name  # import torch: not at the top
+
+        self._error = FinalsError
+        self.executor = executor
+        self.name = contender_name(record)
+        self._folder = tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX)
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = executor.start(
+                Path(self._folder.name),
+                ("serve", record),
+                executor.threads(record),
+                theirs.fileno(),
+            )
+        except BaseException:
+            ours.close()
+            self._folder.cleanup()
+            raise
+        finally:
+            theirs.close()
+        self.channel = multiprocessing.connection.Connection(ours.detach())
+        try:
+            self._answer()  # built and warmed up, or why not
+        except BaseException:
+            self.close()
+            raise
+
+    def check_second_length(self) -> Any:
+        return self._ask("check_second_length")
+
+    def turn(self, settle_calls: int) -> float:
+        return self._ask("turn", settle_calls)
+
+    def generation_stats(self) -> Any:
+        return self._ask("generation_stats")
+
+    def close(self) -> None:
+        """End the worker and remove its folder (it is killed if it does not end at once)."""
+        with contextlib.suppress(OSError):
+            self.channel.send(("close", ()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        if self.process.poll() is None:
+            kill(self.process)
+        self.channel.close()
+        self._folder.cleanup()
+
+    def _ask(self, request: str, *args: Any) -> Any:
+        try:
+            self.channel.send((request, args))
+        except OSError as error:
+            raise self._error(f"{self.name}'s worker is gone: {error}") from error
+        return self._answer()
+
+    def _answer(self) -> Any:
+        """The worker's answer; a FinalsError when it fails, crashes, hangs or overgrows."""
+        since = time.monotonic()
+        timeout = self.executor.trial_timeout
+        while not self.channel.poll(POLL_S):
+            if self.process.poll() is not None:
+                raise self._gone()
+            problem = self.executor.overstepped(self.process, since, timeout)
+            if problem is not None:
+                kill(self.process)
+                raise self._error(f"{self.name}'s worker {problem}")
+        try:
+            succeeded, value = self.channel.recv()
+        except EOFError:
+            raise self._gone() from None
+        if not succeeded:
+            raise self._error(value)
+        return value
+
+    def _gone(self) -> Exception:
+        """The error for a worker that ended without answering: how it ended, its last line."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        if self.process.poll() is None:
+            kill(self.process)
+        problem = exit_reason(self.process.returncode)
+        return self._error(f"{self.name} {problem}{last_line(Path(self._folder.name) / 'log')}")
 
 
 def choose_executor(trial_runner: TrialRunner, options: TuneOptions) -> Executor:
@@ -284,15 +399,39 @@ def resident(model: Any) -> None:
 def worker_main(job_path: str, result_path: str) -> None:
     job, task = pickle.loads(Path(job_path).read_bytes())
     runner = _trial_runner(job)
-    if task[0] == "trial":
-        _, record, give_up = task
-        result: Any = runner.run(record, give_up_above_ms=give_up)
-    else:
-        _, candidates = task
-        result = runner.finals(candidates)
+    if task[0] == "serve":
+        channel = multiprocessing.connection.Connection(int(os.environ[CHANNEL_ENV]))
+        serve(runner, task[1], channel)
+        return
+    _, record, give_up = task
+    result = runner.run(record, give_up_above_ms=give_up)
     partial = Path(result_path + ".partial")
     partial.write_bytes(pickle.dumps(result))
     partial.rename(result_path)
+
+
+def serve(runner: TrialRunner, record: TrialRecord | None, channel: Any) -> None:
+    """Build ``record``'s contender (None: the baseline), say whether that worked, then answer
+    the tuner's requests (a method of the contender and its arguments) until it says close."""
+    from autocpu.errors import one_line
+    from autocpu.finals import FinalsError, contender_name
+    from autocpu.trials import InProcessContender
+
+    try:
+        contender = InProcessContender(runner, record)
+    except FinalsError as error:
+        channel.send((False, str(error)))
+        return
+    channel.send((True, None))
+    name = contender_name(record)
+    while True:
+        request, args = channel.recv()
+        if request == "close":
+            return
+        try:
+            channel.send((True, getattr(contender, request)(*args)))
+        except Exception as error:
+            channel.send((False, f"{name} failed in its worker: {one_line(error)}"))
 
 
 def guard_worker(job_path: str) -> None:
@@ -337,6 +476,10 @@ def start_janitor(folder: Path, tuner_line: int) -> None:
         os.close(tuner_line)  # only the janitor watches the tuner
         return
     os.close(worker_write)
+    channel = os.environ.get(CHANNEL_ENV)
+    if channel is not None:  # the tuner sees the worker's end of it close when the worker dies
+        with contextlib.suppress(OSError):
+            os.close(int(channel))
     try:
         janitor(folder, tuner_line, worker_read, worker_pid)
     finally:

@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from autocpu.errors import AutocpuWarning
 
@@ -273,11 +274,50 @@ def compare(samples: Mapping[str, Sequence[float]], baseline: str) -> Comparison
     return Comparison(stats, speedup, spread, p_not_faster, rounds)
 
 
+#: One turn of a workload in the rounds: ``settle_calls`` untimed calls, then one timed call;
+#: returns the timed call's seconds. A turn may run in this process or in a warm worker.
+Turn = Callable[[int], float]
+
+
+def local_turn(workload: Workload, clock: Callable[[], float] | None = None) -> Turn:
+    """A turn of ``workload`` in this process, timed by ``clock`` (default
+    ``time.perf_counter``, looked up per turn)."""
+
+    def turn(settle_calls: int) -> float:
+        now = clock or time.perf_counter
+        for _ in range(settle_calls):
+            workload()
+        started = now()
+        workload()
+        return now() - started
+
+    return turn
+
+
 def interleaved(
     workloads: Mapping[str, Workload],
     baseline: str,
     *,
     warmup: int = 2,
+    clock: Callable[[], float] | None = None,
+    **rounds: Any,
+) -> Comparison:
+    """Warm each workload up, then :func:`alternate` turns of them in this process.
+
+    ``clock`` (default ``time.perf_counter``, looked up per call) times the calls; ``rounds``
+    are :func:`alternate`'s caps and rules.
+    """
+    clock = clock or time.perf_counter
+    for workload in workloads.values():
+        warm_up(workload, warmup)
+    turns = {name: local_turn(workload, clock) for name, workload in workloads.items()}
+    return alternate(turns, baseline, clock=clock, **rounds)
+
+
+def alternate(
+    turns: Mapping[str, Turn],
+    baseline: str,
+    *,
     min_rounds: int = 7,
     max_rounds: int = 40,
     max_time_s: float = 10.0,
@@ -288,49 +328,40 @@ def interleaved(
     max_loaded_s: float = MAX_LOADED_S,
     clock: Callable[[], float] | None = None,
 ) -> Comparison:
-    """Run A B C A B C ... and compare each candidate with ``baseline`` round by round.
+    """Run turns A B C A B C ... and compare each candidate with ``baseline`` round by round.
 
     After ``max_time_s``, rounds go on while ``settled`` (given the comparison so far) says more
     rounds could still change the caller's decision, up to ``max_time_unsettled_s`` and
-    ``max_rounds``: a batch-8 round of bert-base takes seconds on 2 vCPUs, so the time cap alone stops at the
-    minimum of rounds, too few to tell a 15% win from noise.
+    ``max_rounds``: a batch-8 round of bert-base takes seconds on 2 vCPUs, so the time cap alone
+    stops at the minimum of rounds, too few to tell a 15% win from noise.
 
     Each turn first makes ``settle_calls`` untimed calls: switching runtimes costs time (the
     previous runtime's threads still spin-wait: on a 2-vCPU VM ONNX Runtime and PyTorch called
-    alternately took 71-85 ms per pair against 33 ms for the two run apart), and a deployment
-    runs one runtime, not two taking turns.
+    alternately in one process took 71-85 ms per pair against 33 ms for the two run apart).
 
     ``load`` (a :class:`LoadMeter`, one made here by default) watches each round: a round in
     which other work used more than LOAD_LIMIT of the CPUs is discarded and run again. Rounds
     under load stop counting against the caps; after ``max_loaded_s`` of them the loaded rounds
     are kept too, and the comparison says it was measured under load. ``clock`` (default
-    ``time.perf_counter``, looked up per call) times the calls.
+    ``time.perf_counter``) times the rounds.
     """
-    if baseline not in workloads:
+    if baseline not in turns:
         raise ValueError(f"baseline {baseline!r} is not among the workloads")
     meter = load if load is not None else LoadMeter()
     clock = clock or time.perf_counter
-    for workload in workloads.values():
-        warm_up(workload, warmup)
-    quiet: dict[str, list[float]] = {name: [] for name in workloads}
-    loaded: dict[str, list[float]] = {name: [] for name in workloads}
+    quiet: dict[str, list[float]] = {name: [] for name in turns}
+    loaded: dict[str, list[float]] = {name: [] for name in turns}
     shares: list[float] = []
     quiet_s = loaded_s = 0.0
-    turns = 0
+    rounds_run = 0
     while len(quiet[baseline]) < max_rounds:
-        order = list(workloads.items())
-        if turns % 2:
+        order = list(turns.items())
+        if rounds_run % 2:
             order.reverse()  # alternate order so neither side always runs first
-        turns += 1
+        rounds_run += 1
         meter.start()
         round_started = clock()
-        times = {}
-        for name, workload in order:
-            for _ in range(settle_calls):
-                workload()
-            t0 = clock()
-            workload()
-            times[name] = clock() - t0
+        times = {name: turn(settle_calls) for name, turn in order}
         share = meter.share()
         shares.append(share)
         took = clock() - round_started
@@ -351,7 +382,7 @@ def interleaved(
     # Quiet rounds are the measurement. Only when the load never let up (the loaded-time cap
     # was reached) do rounds taken under load count, and the result says so.
     under_load = loaded_s >= max_loaded_s
-    kept = {name: loaded[name] + quiet[name] for name in workloads} if under_load else quiet
+    kept = {name: loaded[name] + quiet[name] for name in turns} if under_load else quiet
     result = compare(kept, baseline)
     return dataclasses.replace(
         result,

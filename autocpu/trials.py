@@ -11,7 +11,7 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -19,12 +19,15 @@ from autocpu.accuracy import AccuracyReport, Tolerance
 from autocpu.backends import Backend, BuildContext, Runner, get_backend
 from autocpu.backends.base import quiet_build_logs
 from autocpu.errors import one_line
-from autocpu.finals import Finals, run_finals
+from autocpu.finals import WARMUP_CALLS, FinalsError, contender_name
 from autocpu.inputs import sequence_length
-from autocpu.measure import measure
+from autocpu.measure import local_turn, measure, warm_up
 from autocpu.models import ModelSpec
-from autocpu.records import FAILED, INACCURATE, OK, TrialRecord
+from autocpu.records import FAILED, INACCURATE, OK, GenerationStats, TrialRecord
 from autocpu.workloads import Workload
+
+if TYPE_CHECKING:
+    from autocpu.finals import Contender
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,17 @@ BUILD_CACHE_SIZE = 3
 
 
 class Executor(Protocol):
-    """Where trials and the finals run: in this process or in worker processes."""
+    """Where trials and the finals' contenders run: in this process or in worker processes."""
 
     mode: str
+    workload: Workload
 
     def run(self, record: TrialRecord, give_up_above_ms: float | None = None) -> TrialRecord:
         """Build, check and measure ``record``'s candidate; every failure is in the record."""
         ...
 
-    def finals(self, candidates: list[TrialRecord]) -> Finals:
-        """:func:`autocpu.finals.run_finals` over these candidates, fastest first."""
+    def contender(self, record: TrialRecord | None) -> Contender:
+        """``record``'s engine (None: the baseline) built and warm for the finals."""
         ...
 
 
@@ -128,5 +132,48 @@ class TrialRunner:
         """The user's model exactly as given, at torch's default thread count."""
         return Runner(self.spec.model, threads=self.default_threads)
 
-    def finals(self, candidates: list[TrialRecord]) -> Finals:
-        return run_finals(self, candidates)
+    def contender(self, record: TrialRecord | None) -> InProcessContender:
+        return InProcessContender(self, record)
+
+
+class InProcessContender:
+    """A finals contender built and timed in this process (a :class:`Contender`), next to the
+    other contenders: their runtimes' thread pools and caches disturb its timings, which is why
+    tunes run each contender in a worker of its own (that worker holds one of these)."""
+
+    def __init__(self, trial_runner: TrialRunner, record: TrialRecord | None) -> None:
+        self.trial_runner, self.record = trial_runner, record
+        workload = trial_runner.workload
+        try:
+            if record is None:
+                self.runner = trial_runner.baseline_runner()
+            else:
+                self.runner, _ = trial_runner.runner(get_backend(record.backend), record.params)
+            timed = workload.timed(self.runner)
+            warm_up(timed, WARMUP_CALLS)
+        except Exception as error:
+            name = contender_name(record)
+            raise FinalsError(
+                f"{name} could not be built for the finals: {one_line(error)}"
+            ) from error
+        finally:
+            torch.set_num_threads(trial_runner.default_threads)
+        self._turn = local_turn(timed)
+
+    def check_second_length(self) -> AccuracyReport | None:
+        return None if self.record is None else self.trial_runner.check_second_length(self.record)
+
+    def turn(self, settle_calls: int) -> float:
+        try:
+            return self._turn(settle_calls)
+        finally:
+            torch.set_num_threads(self.trial_runner.default_threads)
+
+    def generation_stats(self) -> GenerationStats | None:
+        try:
+            return self.trial_runner.workload.generation_stats(self.runner)
+        finally:
+            torch.set_num_threads(self.trial_runner.default_threads)
+
+    def close(self) -> None:
+        return None

@@ -1,5 +1,5 @@
 """Test-only backends that fail the way native code fails (a segfault, an abort, a hang and a
-memory blow-up), and one that makes concurrent tunes meet. Loaded through
+memory blow-up), one that makes concurrent tunes meet, and two that note where they run. Loaded through
 AUTOCPU_EXTRA_BACKENDS, never shipped in autocpu/backends."""
 
 from __future__ import annotations
@@ -80,6 +80,50 @@ class BarrierBackend(EagerBackend):
         return super().build(spec, params, ctx)
 
 
+class CallNotingBackend(EagerBackend):
+    """Eager at its own settings, noting the process of each call: a file ``NAME-PID`` in the
+    folder in AUTOCPU_TEST_CALLS."""
+
+    name = "test_calls_a"
+    simplicity = 9
+
+    def defaults(self, hw: Any) -> dict[str, Any]:
+        return {}
+
+    def lossy_defaults(self, spec: Any, hw: Any) -> list[dict[str, Any]]:
+        return []
+
+    def suggest(self, trial: Any, spec: Any, hw: Any, *, lossy: bool = True) -> dict[str, Any]:
+        return {}
+
+    def build(self, spec: Any, params: Any, ctx: Any) -> Any:
+        module = super().build(spec, params, ctx)
+        mark = Path(os.environ["AUTOCPU_TEST_CALLS"]) / f"{self.name}-{os.getpid()}"
+
+        def noted(**inputs: Any) -> Any:
+            mark.touch()
+            return module(**inputs)
+
+        return noted
+
+
+class OtherCallNotingBackend(CallNotingBackend):
+    name = "test_calls_b"
+
+
+class FinalsCrashBackend(CallNotingBackend):
+    """Builds in its trial, segfaults when built in a finals worker (which has a channel)."""
+
+    name = "test_finals_crash"
+
+    def build(self, spec: Any, params: Any, ctx: Any) -> Any:
+        if "AUTOCPU_WORKER_CHANNEL" in os.environ:
+            ctypes.string_at(0)
+        return super().build(spec, params, ctx)
+
+
+FINALS_CRASH = "misbehaving_backends:FinalsCrashBackend"
+CALL_NOTING = "misbehaving_backends:CallNotingBackend,misbehaving_backends:OtherCallNotingBackend"
 BARRIER = "misbehaving_backends:BarrierBackend"
 ALL = (
     "misbehaving_backends:SegfaultBackend,misbehaving_backends:AbortBackend,"

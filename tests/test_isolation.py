@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_inputs, tiny_model
 from misbehaving_backends import ALL as MISBEHAVING
-from misbehaving_backends import BARRIER
+from misbehaving_backends import BARRIER, CALL_NOTING, FINALS_CRASH
 
 import autocpu
 from autocpu.plans import PlanCache
@@ -39,6 +39,40 @@ def test_segfault_abort_hang_and_memory_blowup_are_failed_trials(misbehaving, ca
     assert "exceeded the memory limit" in reasons["test_memory_hog"]
     assert tuned.plan.backend == "eager" and tuned.plan.measured_in == "worker processes"
     assert tuned(**inputs).last_hidden_state.shape == (2, 16, 32)  # and this process lives on
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_each_finalist_is_timed_in_a_warm_process_of_its_own(
+    isolation, use_test_backends, cache_dir, tmp_path, monkeypatch
+):
+    use_test_backends(CALL_NOTING)
+    monkeypatch.setenv("AUTOCPU_TEST_CALLS", str(tmp_path))
+    names = ["test_calls_a", "test_calls_b"]
+    tuned = autocpu.tune(
+        tiny_model("bert"), tiny_inputs("bert"), n_trials=2, backends=names, isolation=isolation
+    )
+    assert {t.backend for t in tuned.plan.trials if t.speedup} >= set(names)  # both in the finals
+    pids = {
+        name: {int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob(f"{name}-*")} for name in names
+    }
+    if isolation == "none":
+        assert pids == {name: {os.getpid()} for name in names}
+    else:  # a worker per trial, then one per finalist: no process ran both, nor the tuner
+        assert len(pids["test_calls_a"]) == len(pids["test_calls_b"]) == 2
+        assert not pids["test_calls_a"] & pids["test_calls_b"]
+        assert os.getpid() not in pids["test_calls_a"] | pids["test_calls_b"]
+
+
+def test_a_finalist_whose_worker_crashes_fails_in_one_line(
+    use_test_backends, cache_dir, tmp_path, monkeypatch
+):
+    use_test_backends(FINALS_CRASH)
+    monkeypatch.setenv("AUTOCPU_TEST_CALLS", str(tmp_path))
+    names = ["eager", "test_finals_crash"]
+    tuned = autocpu.tune(tiny_model("bert"), tiny_inputs("bert"), n_trials=2, backends=names)
+    crashed = next(t for t in tuned.plan.trials if t.backend == "test_finals_crash")
+    assert crashed.status == "failed" and "crashed: killed by SIGSEGV" in crashed.reason
+    assert "\n" not in crashed.reason and tuned.plan.backend == "eager"
 
 
 def cli(*args, cache, **kwargs):

@@ -44,7 +44,7 @@ def test_second_length_check_catches_a_shape_baked_trace(tmp_path):
     runner = trial_runner("gpt2", "AutoModelForCausalLM", inputs, tmp_path)
     record = runner.run(TrialRecord("torchscript", {"freeze": True, "optimize": False}))
     assert record.status == "ok"  # right at the traced length ...
-    finals = run_finals(runner, [record])
+    finals = run_finals([record], runner.contender, runner.workload.settle_calls)
     assert finals.finalists == {}  # ... and wrong or an error at another: no finalist
     assert (record.status, record.reason.split(":")[0]) in [
         (INACCURATE, "at sequence length 8"),

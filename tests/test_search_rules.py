@@ -14,12 +14,13 @@ import torch
 import autocpu.backends as registry
 import autocpu.measure
 from autocpu.backends.base import Availability, Backend
-from autocpu.finals import conclude, run_finals
+from autocpu.finals import conclude
 from autocpu.hardware import probe
 from autocpu.measure import LatencyStats
 from autocpu.models import make_spec
 from autocpu.records import INACCURATE, OK, AccuracyReport, TrialRecord
 from autocpu.search import Budget, Search, make_sampler
+from autocpu.trials import InProcessContender
 from autocpu.workloads import ForwardPass
 
 BASELINE_MS = 10.0
@@ -109,10 +110,10 @@ class FakeExecutor:
         record.status = OK
         return record
 
-    def finals(self, candidates: list[TrialRecord]) -> Any:
-        return run_finals(self, candidates)
+    def contender(self, record: TrialRecord | None) -> InProcessContender:
+        return InProcessContender(self, record)
 
-    # What run_finals asks of a trial runner.
+    # What an InProcessContender asks of a trial runner.
     def check_second_length(self, record: TrialRecord) -> AccuracyReport:
         bad = record.backend in self.bad_at_second_length
         return AccuracyReport(failures=["fake: shape baked in"] if bad else [])
