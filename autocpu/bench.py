@@ -1,8 +1,9 @@
 """``autocpu bench``: the check a user runs to trust a plan on their machine.
 
 Rebuilds the plan's winner (timing that one-time cost), compares its outputs with fp32 eager on
-the same inputs, and measures both interleaved in one run, so the speedup is a ratio taken side
-by side rather than two numbers from different moments.
+the same inputs, and measures both as the finals do: each in a warm worker process of its own,
+taking alternating turns, so the speedup is a ratio taken side by side rather than two numbers
+from different moments, and neither runtime disturbs the other.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import torch
 
 from autocpu.accuracy import AccuracyReport, Tolerance
 from autocpu.api import apply_plan
-from autocpu.backends.base import Runner
+from autocpu.backends import BuildContext
 from autocpu.errors import AutocpuError
+from autocpu.finals import Contender, FinalsError
 from autocpu.hardware import probe
 from autocpu.inputs import normalize_inputs, signature
-from autocpu.measure import Comparison, interleaved
-from autocpu.models import model_fingerprint
-from autocpu.options import BENCH_SECONDS
+from autocpu.isolation import choose_executor
+from autocpu.measure import Comparison, alternate
+from autocpu.models import make_spec, model_fingerprint
+from autocpu.options import BENCH_SECONDS, TuneOptions
 from autocpu.plans import Plan, PlanCache
-from autocpu.records import GenerationStats
-from autocpu.workloads import WORKLOADS
+from autocpu.records import GenerationStats, TrialRecord
+from autocpu.trials import TrialRunner
+from autocpu.workloads import WORKLOADS, Workload
 
 
 @dataclass
@@ -62,7 +66,7 @@ class BenchResult:
             [
                 f"plan {self.plan.key[:12]}: {self.plan.backend} {self.plan.params}",
                 f"speedup {self.comparison.speedup['tuned']:.2f}x (IQR {low:.2f}-{high:.2f}) over "
-                f"fp32 eager, {self.comparison.rounds} interleaved rounds; {load}",
+                f"fp32 eager, {self.comparison.rounds} alternating rounds; {load}",
                 f"  tuned    median {tuned.median_ms:.2f} ms, p90 {tuned.p90_ms:.2f} ms",
                 f"  baseline median {base.median_ms:.2f} ms, p90 {base.p90_ms:.2f} ms",
                 *generation,
@@ -98,24 +102,35 @@ def bench(
     *,
     seconds: float = BENCH_SECONDS,
     cache_dir: str | Path | None = None,
+    isolation: str = "process",
 ) -> BenchResult:
     """Rebuild ``plan`` for ``model``, check its outputs and time it against fp32 eager on
-    the plan's workload (generate() for a generation plan), interleaved for ``seconds``."""
+    the plan's workload (generate() for a generation plan), in alternating turns for
+    ``seconds``: each in a worker process of its own, or both in this one with
+    ``isolation="none"`` (biased)."""
     batches = normalize_inputs(example_inputs)
     workload = WORKLOADS[plan.workload].restore(batches, plan.workload_settings)
-    default_threads = torch.get_num_threads()
-    started = time.perf_counter()
-    tuned = apply_plan(model, plan, workload.batches, cache_dir=cache_dir)
-    build_s = time.perf_counter() - started
-    references = workload.references(model)
-    started = time.perf_counter()
-    outputs = workload.run(tuned)
-    first_call_s = time.perf_counter() - started
-    accuracy = workload.compare(references, outputs, Tolerance(**plan.tolerance))
-    runners = {"baseline": Runner(model, threads=default_threads), "tuned": tuned}
+    default_threads = torch.get_num_threads()  # the baseline's; the plan's runner sets its own
     try:
-        comparison = interleaved(
-            {label: workload.timed(runner) for label, runner in runners.items()},
+        started = time.perf_counter()
+        tuned = apply_plan(model, plan, workload.batches, cache_dir=cache_dir)
+        build_s = time.perf_counter() - started
+        references = workload.references(model)
+        started = time.perf_counter()
+        outputs = workload.run(tuned)
+        first_call_s = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(default_threads)
+    tolerance = Tolerance(**plan.tolerance)
+    accuracy = workload.compare(references, outputs, tolerance)
+    trial_runner = _trial_runner(model, plan, workload, references, tolerance, cache_dir)
+    executor = choose_executor(trial_runner, TuneOptions(isolation=isolation))
+    contenders: dict[str, Contender] = {}
+    try:
+        contenders["baseline"] = executor.contender(None)
+        contenders["tuned"] = executor.contender(TrialRecord(plan.backend, dict(plan.params)))
+        comparison = alternate(
+            {label: contender.turn for label, contender in contenders.items()},
             "baseline",
             min_rounds=15,
             max_rounds=400,
@@ -124,12 +139,34 @@ def bench(
         )
         generation = {
             label: stats
-            for label, runner in runners.items()
-            if (stats := workload.generation_stats(runner)) is not None
+            for label, contender in contenders.items()
+            if (stats := contender.generation_stats()) is not None
         }
+    except FinalsError as error:
+        raise AutocpuError(
+            f"plan {plan.key[:12]} could not be timed: {error}",
+            "run 'autocpu bench --isolation none' to time it in this process",
+        ) from error
     finally:
-        torch.set_num_threads(default_threads)
+        for contender in contenders.values():
+            contender.close()
     return BenchResult(plan, comparison, accuracy, build_s, first_call_s, generation)
+
+
+def _trial_runner(
+    model: torch.nn.Module,
+    plan: Plan,
+    workload: Workload,
+    references: list[Any],
+    tolerance: Tolerance,
+    cache_dir: str | Path | None,
+) -> TrialRunner:
+    """What builds the plan's engine and the baseline, here or in workers."""
+    spec = make_spec(model, plan.task)
+    artifacts = PlanCache(cache_dir).artifacts_dir(spec.fingerprint_id)
+    new_tokens = workload.settings().get("max_new_tokens")
+    ctx = BuildContext(probe(), workload.batches, artifacts, new_tokens)
+    return TrialRunner(spec, workload, references, tolerance, ctx)
 
 
 def updated_plan(result: BenchResult) -> Plan:
@@ -163,6 +200,6 @@ def updated_plan(result: BenchResult) -> Plan:
         load_percent=comparison.load_percent,
         decision=(
             f"{plan.decision}; re-measured by autocpu bench at {comparison.speedup['tuned']:.2f}x "
-            f"(IQR {low:.2f}-{high:.2f}, {comparison.rounds} interleaved rounds)"
+            f"(IQR {low:.2f}-{high:.2f}, {comparison.rounds} alternating rounds)"
         ),
     )

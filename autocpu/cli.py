@@ -222,7 +222,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.plan
         else matching_plan(cache, model, normalize_inputs(inputs))
     )
-    result = bench(model, inputs, plan, seconds=args.seconds, cache_dir=cache.root)
+    result = bench(
+        model, inputs, plan, seconds=args.seconds, cache_dir=cache.root, isolation=args.isolation
+    )
     print(result.summary())
     if args.update:
         print(f"updated {cache.save(updated_plan(result))}")
@@ -320,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task", default=None)
     _add_input_shape(bench)
     bench.add_argument(
-        "--seconds", type=float, default=BENCH_SECONDS, help="time for the interleaved run"
+        "--seconds", type=float, default=BENCH_SECONDS, help="time for the alternating rounds"
     )
     bench.add_argument("--cache-dir", default=None)
+    add_cli_flags(bench, only={"isolation"})
     bench.add_argument(
         "--update",
         action="store_true",

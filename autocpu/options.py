@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,7 +132,9 @@ class TuneOptions:
     isolation: str = field(
         default="process",
         metadata=_flag(
-            "run each trial in a worker process (default) or in this one", choices=ISOLATION_MODES
+            "time each trial and engine in a worker process of its own (default) or in this one "
+            "(biased: runtimes sharing a process disturb each other)",
+            choices=ISOLATION_MODES,
         ),
     )
     storage: str | None = field(
@@ -225,10 +227,11 @@ class TuneOptions:
         return self.n_trials, self.timeout
 
 
-def add_cli_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per option with CLI metadata, its default taken from the field."""
+def add_cli_flags(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
+    """One ``--flag`` per option with CLI metadata (those named in ``only``, when given), its
+    default taken from the field."""
     for option in fields(TuneOptions):
-        if "cli" not in option.metadata:
+        if "cli" not in option.metadata or (only is not None and option.name not in only):
             continue
         spec = dict(option.metadata["cli"])
         flag = spec.pop("flag", "--" + option.name.replace("_", "-"))
