@@ -164,16 +164,12 @@ class InProcessContender:
         return None if self.record is None else self.trial_runner.check_second_length(self.record)
 
     def turn(self, settle_calls: int) -> float:
-        try:
-            return self._turn(settle_calls)
-        finally:
-            torch.set_num_threads(self.trial_runner.default_threads)
+        return self._turn(settle_calls)
 
     def generation_stats(self) -> GenerationStats | None:
-        try:
-            return self.trial_runner.workload.generation_stats(self.runner)
-        finally:
-            torch.set_num_threads(self.trial_runner.default_threads)
+        return self.trial_runner.workload.generation_stats(self.runner)
 
     def close(self) -> None:
-        return None
+        """Give torch its default threads back (each runner sets its own on every call, so
+        turns need not, and a worker's one engine keeps its threads from turn to turn)."""
+        torch.set_num_threads(self.trial_runner.default_threads)
