@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,48 +150,62 @@ class IsolatedExecutor:
         """Wait for the worker; kill it past the timeout or the memory limit."""
         started = time.monotonic()
         while process.poll() is None:
-            problem = self.overstepped(process, started, timeout)
+            problem = overstepped(process, started, timeout, self.memory_limit)
             if problem is not None:
                 kill(process)
                 return problem
             time.sleep(POLL_S)
         return None
 
-    def overstepped(self, process: subprocess.Popen, since: float, timeout: float) -> str | None:
-        """Why a worker busy since ``since`` (monotonic) must be killed, or None."""
-        if time.monotonic() - since > timeout:
-            return f"hung: no result after {timeout:.0f} s (trial timeout)"
-        rss = tree_rss(process.pid)
-        if rss > self.memory_limit:
-            return (
-                f"exceeded the memory limit: {rss / 2**30:.1f} GiB > "
-                f"{self.memory_limit / 2**30:.1f} GiB"
-            )
-        return None
+
+def overstepped(
+    process: subprocess.Popen, since: float, timeout: float, memory_limit: int
+) -> str | None:
+    """Why a worker busy since ``since`` (monotonic) must be killed, or None."""
+    if time.monotonic() - since > timeout:
+        return f"hung: no result after {timeout:.0f} s (trial timeout)"
+    rss = tree_rss(process.pid)
+    if rss > memory_limit:
+        return f"exceeded the memory limit: {rss / 2**30:.1f} GiB > {memory_limit / 2**30:.1f} GiB"
+    return None
 
 
-class WarmWorker:
-    """A finals contender (a :class:`~autocpu.finals.Contender`) in a worker process of its own:
-    built once and kept warm, it waits on its socket while the other contenders take their
-    turns, so it never shares its process, or its CPUs, with another runtime. Each request has
-    the trial timeout and the memory limit; a worker that fails them is killed and the finals
-    get a one-line :class:`~autocpu.finals.FinalsError`."""
+def send(channel: multiprocessing.connection.Connection, message: Any) -> None:
+    """Send ``message`` pickled plainly: tensors by value. (The connection's own pickler has
+    torch's reductions, which pass tensors as shared-memory handles that the other process must
+    fetch from a multiprocessing server this process does not run.)"""
+    channel.send_bytes(pickle.dumps(message))
 
-    def __init__(self, executor: IsolatedExecutor, record: TrialRecord | None) -> None:
-        from autocpu.finals import FinalsError, contender_name  # import torch: not at the top
 
-        self._error = FinalsError
-        self.executor = executor
-        self.name = contender_name(record)
+def receive(channel: multiprocessing.connection.Connection) -> Any:
+    return pickle.loads(channel.recv_bytes())
+
+
+#: Starts a warm process in a folder (where it writes its ``log``), passing it a socket.
+StartProcess = Callable[[Path, int], subprocess.Popen]
+
+
+class WarmProcess:
+    """A process built once and kept warm, answering requests (a method name and its arguments)
+    over a socket; while others run it waits on that socket, so it never shares its process,
+    or its CPUs, with another runtime. Each request, the first (the build) included, has
+    ``timeout`` seconds and ``memory_limit`` bytes; a process that fails, crashes, hangs or
+    overgrows is killed and the caller gets ``error`` with one line saying why. The other end
+    is :func:`answer_requests`."""
+
+    def __init__(
+        self,
+        name: str,
+        start: StartProcess,
+        timeout: float,
+        memory_limit: int,
+        error: type[Exception] = RuntimeError,
+    ) -> None:
+        self.name, self.timeout, self.memory_limit, self._error = name, timeout, memory_limit, error
         self._folder = tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX)
         ours, theirs = socket.socketpair()
         try:
-            self.process = executor.start(
-                Path(self._folder.name),
-                ("serve", record),
-                executor.threads(record),
-                theirs.fileno(),
-            )
+            self.process = start(Path(self._folder.name), theirs.fileno())
         except BaseException:
             ours.close()
             self._folder.cleanup()
@@ -199,24 +214,22 @@ class WarmWorker:
             theirs.close()
         self.channel = multiprocessing.connection.Connection(ours.detach())
         try:
-            self._answer()  # built and warmed up, or why not
+            self._answer()  # built, or why not
         except BaseException:
             self.close()
             raise
 
-    def check_second_length(self) -> Any:
-        return self._ask("check_second_length")
-
-    def turn(self, settle_calls: int) -> float:
-        return self._ask("turn", settle_calls)
-
-    def generation_stats(self) -> Any:
-        return self._ask("generation_stats")
+    def ask(self, request: str, *args: Any) -> Any:
+        try:
+            send(self.channel, (request, args))
+        except OSError as error:
+            raise self._error(f"{self.name}'s worker is gone: {error}") from error
+        return self._answer()
 
     def close(self) -> None:
-        """End the worker and remove its folder (it is killed if it does not end at once)."""
+        """End the process and remove its folder (it is killed if it does not end at once)."""
         with contextlib.suppress(OSError):
-            self.channel.send(("close", ()))
+            send(self.channel, ("close", ()))
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         if self.process.poll() is None:
@@ -224,26 +237,17 @@ class WarmWorker:
         self.channel.close()
         self._folder.cleanup()
 
-    def _ask(self, request: str, *args: Any) -> Any:
-        try:
-            self.channel.send((request, args))
-        except OSError as error:
-            raise self._error(f"{self.name}'s worker is gone: {error}") from error
-        return self._answer()
-
     def _answer(self) -> Any:
-        """The worker's answer; a FinalsError when it fails, crashes, hangs or overgrows."""
         since = time.monotonic()
-        timeout = self.executor.trial_timeout
         while not self.channel.poll(POLL_S):
             if self.process.poll() is not None:
                 raise self._gone()
-            problem = self.executor.overstepped(self.process, since, timeout)
+            problem = overstepped(self.process, since, self.timeout, self.memory_limit)
             if problem is not None:
                 kill(self.process)
                 raise self._error(f"{self.name}'s worker {problem}")
         try:
-            succeeded, value = self.channel.recv()
+            succeeded, value = receive(self.channel)
         except EOFError:
             raise self._gone() from None
         if not succeeded:
@@ -251,13 +255,37 @@ class WarmWorker:
         return value
 
     def _gone(self) -> Exception:
-        """The error for a worker that ended without answering: how it ended, its last line."""
+        """The error for a process that ended without answering: how it ended, its last line."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         if self.process.poll() is None:
             kill(self.process)
         problem = exit_reason(self.process.returncode)
         return self._error(f"{self.name} {problem}{last_line(Path(self._folder.name) / 'log')}")
+
+
+class WarmWorker(WarmProcess):
+    """A finals contender (a :class:`~autocpu.finals.Contender`) in a worker process of its
+    own, with the trial timeout and the memory limit per request; it fails with one-line
+    :class:`~autocpu.finals.FinalsError` messages."""
+
+    def __init__(self, executor: IsolatedExecutor, record: TrialRecord | None) -> None:
+        from autocpu.finals import FinalsError, contender_name  # import torch: not at the top
+
+        def start(folder: Path, channel: int) -> subprocess.Popen:
+            return executor.start(folder, ("serve", record), executor.threads(record), channel)
+
+        limits = (executor.trial_timeout, executor.memory_limit)
+        super().__init__(contender_name(record), start, *limits, error=FinalsError)
+
+    def check_second_length(self) -> Any:
+        return self.ask("check_second_length")
+
+    def turn(self, settle_calls: int) -> float:
+        return self.ask("turn", settle_calls)
+
+    def generation_stats(self) -> Any:
+        return self.ask("generation_stats")
 
 
 def choose_executor(trial_runner: TrialRunner, options: TuneOptions) -> Executor:
@@ -400,8 +428,7 @@ def worker_main(job_path: str, result_path: str) -> None:
     job, task = pickle.loads(Path(job_path).read_bytes())
     runner = _trial_runner(job)
     if task[0] == "serve":
-        channel = multiprocessing.connection.Connection(int(os.environ[CHANNEL_ENV]))
-        serve(runner, task[1], channel)
+        serve(runner, task[1], channel_to_parent())
         return
     _, record, give_up = task
     result = runner.run(record, give_up_above_ms=give_up)
@@ -411,27 +438,53 @@ def worker_main(job_path: str, result_path: str) -> None:
 
 
 def serve(runner: TrialRunner, record: TrialRecord | None, channel: Any) -> None:
-    """Build ``record``'s contender (None: the baseline), say whether that worked, then answer
-    the tuner's requests (a method of the contender and its arguments) until it says close."""
-    from autocpu.errors import one_line
+    """Serve ``record``'s finals contender (None: the baseline) to the tuner."""
     from autocpu.finals import FinalsError, contender_name
     from autocpu.trials import InProcessContender
 
+    def build() -> InProcessContender:
+        return InProcessContender(runner, record)
+
+    answer_requests(build, contender_name(record), channel, explained=(FinalsError,))
+
+
+def channel_to_parent() -> multiprocessing.connection.Connection:
+    """In a process a :class:`WarmProcess` started: its socket to that process."""
+    return multiprocessing.connection.Connection(int(os.environ[CHANNEL_ENV]))
+
+
+def answer_requests(
+    build: Callable[[], Any],
+    name: str,
+    channel: Any,
+    explained: tuple[type[Exception], ...] = (),
+) -> None:
+    """The far end of a :class:`WarmProcess`: build the served object, say whether that worked,
+    then answer requests (a method of it and its arguments) until told to close or the other end
+    is gone. Failures are answered in one line naming ``name``; a build error of an
+    ``explained`` type already is that line."""
+    from autocpu.errors import one_line
+
     try:
-        contender = InProcessContender(runner, record)
-    except FinalsError as error:
-        channel.send((False, str(error)))
+        served = build()
+    except explained as error:
+        send(channel, (False, str(error)))
         return
-    channel.send((True, None))
-    name = contender_name(record)
+    except Exception as error:
+        send(channel, (False, f"{name} could not be built: {one_line(error)}"))
+        return
+    send(channel, (True, None))
     while True:
-        request, args = channel.recv()
+        try:
+            request, args = receive(channel)
+        except EOFError:
+            return
         if request == "close":
             return
         try:
-            channel.send((True, getattr(contender, request)(*args)))
+            send(channel, (True, getattr(served, request)(*args)))
         except Exception as error:
-            channel.send((False, f"{name} failed in its worker: {one_line(error)}"))
+            send(channel, (False, f"{name} failed in its worker: {one_line(error)}"))
 
 
 def guard_worker(job_path: str) -> None:

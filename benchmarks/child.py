@@ -2,7 +2,8 @@
 
 ``tune`` runs autocpu.tune() as a user would (worker processes and all) and reports its wall
 time and the peak memory of its whole process tree; ``reload`` times the next process's cache
-hit and its serving memory; ``serve`` gives the plain model's serving memory for comparison.
+hit and its serving memory; ``serve`` gives the plain model's serving memory for comparison;
+``alone`` times the plain model, or with ``--plan`` a cached plan, alone in this process.
 Prints one JSON object on its last line.
 """
 
@@ -21,8 +22,12 @@ import psutil
 import torch
 
 import autocpu
+from autocpu.backends.base import Runner
+from autocpu.finals import WARMUP_CALLS
 from autocpu.inputs import synthesize_inputs
+from autocpu.measure import LoadMeter, measure, warm_up
 from autocpu.models import load_model_dir
+from autocpu.workloads import ForwardPass
 
 SERVE_SECONDS = 5.0
 
@@ -88,9 +93,22 @@ def serve(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float | None]
     return {"process_peak_rss_mb": max(peaks, default=None), "serving_rss_mb": serving}
 
 
+def time_alone(model: Any, batch: dict[str, torch.Tensor], seconds: float) -> dict[str, float]:
+    """Median milliseconds of ``model``'s forward on ``batch``, called alone in this process
+    for ``seconds`` after warm-up, and the share of the CPUs other work used meanwhile."""
+    meter = LoadMeter()
+    timed = ForwardPass([batch]).timed(Runner(model, threads=torch.get_num_threads()))
+    warm_up(timed, WARMUP_CALLS)
+    meter.start()
+    stats = measure(
+        timed, warmup=0, min_repeats=10, max_repeats=10**9, max_time_s=seconds, target_ci=0.0
+    )
+    return {"median_ms": stats.median_ms, "calls": stats.n, "load_percent": 100 * meter.share()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["tune", "reload", "serve"])
+    parser.add_argument("mode", choices=["tune", "reload", "serve", "alone"])
     parser.add_argument("model_dir")
     parser.add_argument("--task", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
@@ -100,12 +118,19 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--isolation", default="process")
     parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--plan", default=None, help="alone: the cached plan's key")
+    parser.add_argument("--seconds", type=float, default=10.0, help="alone: seconds of calls")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = load_model_dir(args.model_dir, args.task)
     batch = synthesize_inputs(model, args.batch_size, args.seq_len, args.model_dir)
     if args.mode == "serve":
         print(json.dumps(serve(model, batch)))
+        return
+    if args.mode == "alone":
+        if args.plan:
+            model = autocpu.apply_plan(model, args.plan, batch, cache_dir=args.cache_dir)
+        print(json.dumps(time_alone(model, batch, args.seconds)))
         return
     options = {"tolerance": args.tolerance, "search": args.search, "cache_dir": args.cache_dir}
     options |= {"n_trials": args.trials, "isolation": args.isolation}
@@ -125,6 +150,7 @@ def main() -> None:
     plan = tuned.plan
     result |= {"key": plan.key, "backend": plan.backend, "params": plan.params}
     result |= {"speedup_at_tune": plan.speedup, "study_trials": plan.study_trials}
+    result |= {"measured_under_load": plan.measured_under_load, "load_percent": plan.load_percent}
     print(json.dumps(result))
 
 

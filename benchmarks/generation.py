@@ -1,5 +1,6 @@
 """The generation benchmark: greedy ``generate()`` of a causal LM, what a user gets by hand
-against autocpu's plans, every column measured side by side in one interleaved run per model.
+against autocpu's plans, measured side by side: each column built and kept warm in a process
+of its own, the columns taking alternating turns (see ``benchmarks.warm``).
 
     python -m benchmarks.generation                      # SmolLM2 and the Qwen2.5-0.5B shape
     python -m benchmarks.generation --models smollm2 --prompt-len 128 --new-tokens 64
@@ -8,7 +9,8 @@ against autocpu's plans, every column measured side by side in one interleaved r
 Columns: fp32 eager ``generate()`` (the baseline), optimum-intel's ``OVModelForCausalLM`` with
 its defaults (bf16 on CPUs with native bf16) and with f32 forced, ``ORTModelForCausalLM`` with
 its KV cache, and autocpu's plan per tolerance. Each plan is tuned in a fresh process (empty
-tuning database), then fetched from the cache here, as the next process of a deployment would.
+tuning database), then fetched from the cache in its column's process, as the next process of a
+deployment would.
 Every column reports its accuracy against fp32 eager (greedy tokens, teacher-forced top-1,
 logits cosine), one-time cost, TTFT, TPOT, decode tokens/s and its fraction of the decode
 roofline: the memory bandwidth over the bytes one decode step reads (every weight once, at the
@@ -21,6 +23,7 @@ replaces its row) and the markdown table beside it; ``--smoke`` writes under its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -42,12 +45,15 @@ from autocpu.accuracy import Tolerance
 from autocpu.backends import all_backends
 from autocpu.backends.base import Runner, quiet_build_logs
 from autocpu.errors import one_line
-from autocpu.measure import Comparison, busy_percent, interleaved
+from autocpu.finals import WARMUP_CALLS
+from autocpu.measure import Comparison, alternate, busy_percent, local_turn, warm_up
 from autocpu.models import load_model_dir
 from autocpu.plans import current_versions
 from autocpu.workloads import Generation
 from benchmarks.child import PeakTreeRss, own_peak_rss_mb, reset_peak_rss
+from benchmarks.render import APART, load_note, protocol
 from benchmarks.run_suite import load_results, plan_precision, say
+from benchmarks.warm import Recipe, close_all, start_all
 from benchmarks.zoo import ZooModel
 from examples._smollm2 import SAVED, smollm2_dir
 
@@ -283,7 +289,8 @@ class Context:
     """What every column builder may use."""
 
     model_dir: Path
-    model: torch.nn.Module
+    #: None in the measuring process once the references are made: each column loads its own.
+    model: torch.nn.Module | None
     batch: dict[str, torch.Tensor]
     work: Path
     cache: Path
@@ -418,6 +425,13 @@ BY_HAND: dict[str, tuple[str, Builder]] = {
 }
 
 
+def _failed(message: str) -> Builder:
+    def build(ctx: Context) -> Built:
+        raise RuntimeError(message)
+
+    return build
+
+
 def build_column(
     name: str, label: str, builder: Builder, ctx: Context, workload: Generation
 ) -> Column:
@@ -445,6 +459,74 @@ def build_column(
     )
 
 
+class ServedGeneration:
+    """A column in its own process (see ``benchmarks.warm``): turns of its ``generate()``, its
+    description and its figures against fp32 eager's references."""
+
+    def __init__(self, column: Column, workload: Generation) -> None:
+        self.column, self.workload = column, workload
+        if column.runner is not None:
+            timed = workload.timed(column.runner)
+            warm_up(timed, WARMUP_CALLS)
+            self.turn = local_turn(timed)
+
+    def described(self) -> Column:
+        return dataclasses.replace(self.column, runner=None)
+
+    def figures(self, references: list[Any]) -> dict[str, Any]:
+        """Accuracy against ``references`` (fp32 eager's greedy sequences), TTFT and TPOT."""
+        runner, workload = self.column.runner, self.workload
+        accuracy = workload.compare(references, workload.run(runner), Tolerance.parse("strict"))
+        stats = workload.generation_stats(runner)
+        return {
+            "ttft_ms": stats.ttft_ms,
+            "tpot_ms": stats.tpot_ms,
+            "tokens_per_s": stats.tokens_per_s,
+            "same_tokens": accuracy.same_tokens,
+            "same_prefix": accuracy.same_prefix,
+            "min_argmax": accuracy.min_argmax,
+            "min_cosine": accuracy.min_cosine,
+            "max_rel": accuracy.max_rel,
+            "strict_ok": accuracy.passed,
+        }
+
+
+def serve_column(
+    name: str, plan: dict[str, Any] | str | None, ctx: Context, settings: Settings
+) -> ServedGeneration:
+    """Build column ``name`` in this process: a by-hand recipe, or (``plan``: the tune's report
+    or its error) autocpu's plan. ``ctx`` comes without its model, which is loaded here."""
+    reset_peak_rss()  # the column's peak: its own load, build and first call
+    started = time.perf_counter()
+    model = load_model_dir(ctx.model_dir, TASK)
+    ctx = dataclasses.replace(ctx, model=model, load_s=time.perf_counter() - started)
+    if name in BY_HAND:
+        label, builder = BY_HAND[name]
+    else:
+        tolerance = name.removeprefix("autocpu_")
+        label = f"autocpu {tolerance}"
+        builder = _autocpu(tolerance, plan) if isinstance(plan, dict) else _failed(str(plan))
+    workload = Generation([ctx.batch], settings.new_tokens)
+    return ServedGeneration(build_column(name, label, builder, ctx, workload), workload)
+
+
+def column_recipes(ctx: Context, tuned: dict[str, dict[str, Any] | str]) -> list[Recipe]:
+    """The by-hand columns (fp32 eager, the baseline, first) and the plans, one process each."""
+    threads = torch.get_num_threads()
+    plans = {f"autocpu_{tolerance}": plan for tolerance, plan in tuned.items()}
+    columns: dict[str, Any] = dict.fromkeys(BY_HAND) | plans
+    return [
+        Recipe(
+            name,
+            "benchmarks.generation",
+            "serve_column",
+            {"name": name, "plan": plan, "ctx": ctx, "settings": ctx.settings},
+            threads,
+        )
+        for name, plan in columns.items()
+    ]
+
+
 # One model ------------------------------------------------------------------------------------
 
 
@@ -467,22 +549,14 @@ def tune_plans(
     return found
 
 
-def _failed(message: str) -> Builder:
-    def build(ctx: Context) -> Built:
-        raise RuntimeError(message)
-
-    return build
-
-
 def column_row(
     column: Column,
-    workload: Generation,
-    references: list[Any],
+    figures: dict[str, Any] | None,
     comparison: Comparison,
     roofline: Roofline,
     baseline_tps: float | None,
 ) -> dict[str, Any]:
-    """One column's numbers, as the JSON keeps them."""
+    """One column's numbers, as the JSON keeps them (``figures``: None when it did not run)."""
     row: dict[str, Any] = {
         "label": column.label,
         "kind": "autocpu" if column.name.startswith("autocpu") else "by-hand",
@@ -494,33 +568,25 @@ def column_row(
         "error": column.error,
         **column.info,
     }
-    if column.runner is None:
+    if figures is None:
         return row
-    accuracy = workload.compare(references, workload.run(column.runner), Tolerance.parse("strict"))
-    latency = comparison.stats[column.name]
-    stats = workload.generation_stats(column.runner)
-    tokens_per_s = stats.tokens_per_s
+    tokens_per_s = figures["tokens_per_s"]
     roof = roofline.tokens_per_s(column.precision)
-    return row | {
-        "median_ms": latency.median_ms,
-        "generate_speedup": comparison.speedup[column.name],
-        "ttft_ms": stats.ttft_ms,
-        "tpot_ms": stats.tpot_ms,
-        "tokens_per_s": tokens_per_s,
-        "speedup": tokens_per_s / baseline_tps if tokens_per_s and baseline_tps else None,
-        "same_tokens": accuracy.same_tokens,
-        "same_prefix": accuracy.same_prefix,
-        "min_argmax": accuracy.min_argmax,
-        "min_cosine": accuracy.min_cosine,
-        "max_rel": accuracy.max_rel,
-        "strict_ok": accuracy.passed,
-        "roofline_tokens_per_s": roof,
-        "roofline_fraction": tokens_per_s / roof if tokens_per_s else None,
-    }
+    return (
+        row
+        | figures
+        | {
+            "median_ms": comparison.stats[column.name].median_ms,
+            "generate_speedup": comparison.speedup[column.name],
+            "speedup": tokens_per_s / baseline_tps if tokens_per_s and baseline_tps else None,
+            "roofline_tokens_per_s": roof,
+            "roofline_fraction": tokens_per_s / roof if tokens_per_s else None,
+        }
+    )
 
 
 def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) -> dict:
-    """Tune, build every column, measure them interleaved; the model's row."""
+    """Tune, build every column in a process of its own, measure them in alternating turns; the model's row."""
     model_dir = materialize(name, args.work)
     batch = prompt_batch(name, model_dir, settings.prompt_len)
     row_dir = args.work / "runs" / f"{name}-p{settings.prompt_len}-n{settings.new_tokens}"
@@ -532,40 +598,40 @@ def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) 
     torch.save(batch, prompt)
     tuned = tune_plans(model_dir, prompt, cache, settings, args.work)
 
-    reset_peak_rss()  # the peaks count this row only: not the triad, nor an earlier model
+    reset_peak_rss()  # the measuring process's peak counts this row only
     started = time.perf_counter()
     model = load_model_dir(model_dir, TASK)
     ctx = Context(
         model_dir, model, batch, args.work, cache, settings, time.perf_counter() - started
     )
-    workload = Generation([batch], settings.new_tokens)
-    references = workload.references(model)
-    builders = dict(BY_HAND)
-    for tolerance, plan in tuned.items():
-        builder = _autocpu(tolerance, plan) if isinstance(plan, dict) else _failed(plan)
-        builders[f"autocpu_{tolerance}"] = (f"autocpu {tolerance}", builder)
-    columns = [build_column(n, label, b, ctx, workload) for n, (label, b) in builders.items()]
-    gc.collect()
-
-    runnable = {c.name: workload.timed(c.runner) for c in columns if c.runner is not None}
-    threads = torch.get_num_threads()
-    say(f"  measuring {len(runnable)} columns interleaved")
-    busy = busy_percent()
-    comparison = interleaved(
-        runnable,
-        "eager",
-        min_rounds=settings.min_rounds,
-        max_rounds=1000,
-        max_time_s=settings.max_time_s,
-    )
-    torch.set_num_threads(threads)
-    say("  accuracy, TTFT and TPOT per column")
+    references = Generation([batch], settings.new_tokens).references(model)
     roofline = roofline_for(model, batch, settings, bw)
+    ctx.model = model = None  # each column's process loads its own
+    gc.collect()
+    threads = torch.get_num_threads()
+    engines = start_all(column_recipes(ctx, tuned), say)
+    try:
+        columns = [engine.ask("described") for engine in engines.values()]
+        runnable = [c.name for c in columns if c.error == ""]
+        say(f"  measuring {len(runnable)} columns, a warm process each, in alternating turns")
+        busy = busy_percent()
+        comparison = alternate(
+            {label: engines[label].turn for label in runnable},
+            "eager",
+            min_rounds=settings.min_rounds,
+            max_rounds=1000,
+            max_time_s=settings.max_time_s,
+            settle_calls=Generation.settle_calls,
+        )
+        say("  accuracy, TTFT and TPOT per column")
+        figures = {label: engines[label].ask("figures", references) for label in runnable}
+    finally:
+        close_all(engines)
     rows: dict[str, dict[str, Any]] = {}
     for column in columns:  # the baseline first: every speedup refers to its tokens/s
         baseline_tps = rows["eager"].get("tokens_per_s") if rows else None
         rows[column.name] = column_row(
-            column, workload, references, comparison, roofline, baseline_tps
+            column, figures.get(column.name), comparison, roofline, baseline_tps
         )
     rows["eager"]["speedup"] = 1.0 if rows["eager"].get("tokens_per_s") else None
     return {
@@ -580,6 +646,10 @@ def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) 
         "bandwidth_gbs": bw,
         "roofline_tokens_per_s": {p: roofline.tokens_per_s(p) for p in ("fp32", "bf16", "int8")},
         "rounds": comparison.rounds,
+        "protocol": APART,
+        "rounds_discarded": comparison.rounds_discarded,
+        "under_load": comparison.under_load,
+        "load_percent": comparison.load_percent,
         "threads": threads,
         "columns": rows,
         "final_peak_rss_mb": own_peak_rss_mb(),
@@ -603,8 +673,8 @@ def model_table(run: dict) -> list[str]:
         f"batch {run['batch_size']}",
         "",
         f"{run['model_description']}; {run['weights'] / 1e6:.3g}M weights; {run['rounds']} "
-        f"interleaved rounds; {run['threads']} torch threads; measured {run['measured']} (CPU "
-        f"busy before: {run['cpu_busy_percent_before']:.0f}%).",
+        f"rounds, {protocol(run)}{load_note(run)}; {run['threads']} torch threads; measured "
+        f"{run['measured']} (CPU busy before: {run['cpu_busy_percent_before']:.0f}%).",
         "",
         f"Memory bandwidth {run['bandwidth_gbs']:.1f} GB/s (triad); decode roofline, tokens/s: "
         f"{roof}.",
@@ -661,16 +731,18 @@ def markdown(results: dict) -> str:
         "`python -m benchmarks.generation`.",
         "",
         "Greedy `generate()` of a fixed number of new tokens (EOS ignored), every column of a "
-        "model measured interleaved in one run. tokens/s: decode tokens per second, "
+        "model measured side by side in one run, each column in a warm process of its own "
+        "taking alternating turns (rows of the old protocol: every column in one process). "
+        "tokens/s: decode tokens per second, "
         "(new tokens - 1) / (generate time - TTFT), both medians of three calls timed whole and at "
         "their first token; speedup: "
         "tokens/s over fp32 eager's. Same tokens: greedy tokens identical to fp32 eager's; "
         "top-1: teacher-forced top-1 agreement along fp32 eager's sequence; cosine: the "
         "logits' lowest cosine. One-time: export (when it was made) and load, for autocpu the "
-        "cache reload in this process, plus the first generate(). Peak RSS: the measuring "
-        "process's peak (VmHWM, reset when the model's row starts) once the column was built "
-        "and called once: cumulative over the columns built before it, the fp32 model and its "
-        "references included. Of roofline: tokens/s over the memory bandwidth divided by the "
+        "cache reload in its process, plus the first generate(). Peak RSS: the peak (VmHWM) of "
+        "the column's process once the column was loaded, built and called once (rows of the "
+        "old protocol: the one measuring process's, cumulative over the columns built before "
+        "it). Of roofline: tokens/s over the memory bandwidth divided by the "
         "bytes a decode step reads (every weight once and the KV cache at the mean context "
         "length, both at the column's precision).",
         "",
@@ -694,7 +766,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--tolerances", default=",".join(TOLERANCES))
     parser.add_argument("--trials", type=int, default=None, help="tune budget (autocpu's default)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="interleaved time per model")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="seconds of alternating rounds per model"
+    )
     parser.add_argument("--work", type=Path, default=None, help="exports, models, plans")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--force", action="store_true", help="tune again (drop cached plans)")
@@ -742,4 +816,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: the columns' processes unpickle its
+    # classes (Context, Settings) by their module's name.
+    from benchmarks import generation
+
+    sys.exit(generation.main())

@@ -35,6 +35,27 @@ SHORT = {
 #: Backends as the README's summary names them.
 BACKEND_SHORT = {"onnxruntime": "ORT", "openvino": "OV", "torch_compile": "compile"}
 TARGET_RUN = "bert-base/b1s128"
+#: How a row's columns were timed: the suite's protocol, and the one rows measured before it
+#: used (kept in the results, marked, never mixed in silently).
+APART = "a warm process per column, alternating turns"
+ONE_PROCESS = "one process for every column (biased: the runtimes disturb one another)"
+
+
+def protocol(run: dict) -> str:
+    return run.get("protocol", ONE_PROCESS)
+
+
+def _old_mark(run: dict) -> str:
+    return " (old protocol: one process)" if protocol(run) != APART else ""
+
+
+def load_note(run: dict) -> str:
+    if run.get("under_load"):
+        return f"; **measured under load** (other work used {run['load_percent']:.0f}% of the CPUs)"
+    discarded = run.get("rounds_discarded")
+    return f"; {discarded} rounds under load discarded" if discarded else ""
+
+
 #: Ratios closer than 3% are noise on a shared 2-vCPU machine: the same interleaved ratio varies
 #: by that much between runs, so a plan within 3% of the best by-hand column counts as tied.
 NOISE = 0.03
@@ -131,7 +152,7 @@ def summary(results: dict, shape: str) -> str:
             "failed" if ov is None or ov.get("error") else _x(ov["speedup"]),
             *(_plan_cell(cols.get(name)) for name in ORDER[-4:]),
         ]
-        lines.append(f"| {run['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run['model']}{_old_mark(run)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,7 +162,8 @@ def _run_table(run: dict, peaks: dict) -> list[str]:
         f"### {run['model']}, batch {run['batch_size']}, seq {run['seq_len']}",
         "",
         f"{run['model_description']}; {run['gflop_per_call']:.3g} GFLOP per call; "
-        f"{run['rounds']} interleaved rounds; measured {run['measured']}{tuned}; plain model "
+        f"{run['rounds']} rounds, {protocol(run)}{load_note(run)}; measured "
+        f"{run['measured']}{tuned}; plain model "
         f"serving RSS {_mb(run.get('baseline_serving_rss_mb'))} (process peak, loading "
         f"included: {_mb(run.get('baseline_process_peak_rss_mb'))}).",
         "",
@@ -191,7 +213,10 @@ def markdown(results: dict) -> str:
         f"{results.get('threads')} torch threads. Versions: {versions}.",
         "",
         "Every ratio is a median of per-round ratios against fp32 eager (SDPA attention, as "
-        "transformers loads the model), all columns of a row measured interleaved in one run. "
+        "transformers loads the model), all columns of a row measured side by side in one run: "
+        "each column built and kept warm in a process of its own, the columns taking "
+        "alternating turns. Rows marked *old protocol* were measured before that, every "
+        "column in one process, where the runtimes disturb one another's timings. "
         "Produced by `python -m benchmarks.run_suite`; see benchmarks/README.md.",
         "",
         "GEMM peak of this machine (best of "
@@ -221,7 +246,7 @@ def markdown(results: dict) -> str:
         for name in present:
             c = run["columns"].get(name)
             cells.append("—" if c is None else "failed" if c.get("error") else _x(c["speedup"]))
-        lines.append(f"| {run_id} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run_id}{_old_mark(run)} | " + " | ".join(cells) + " |")
     lines += ["", "## Per model and shape", ""]
     for _, run in sorted(runs.items()):
         lines += _run_table(run, peaks)
@@ -250,7 +275,7 @@ def chart(results: dict, path: Path) -> None:
         )
         axis.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
         axis.invert_yaxis()
-        axis.set_title(f"{run_id}: speedup over fp32 eager (interleaved)", fontsize=10)
+        axis.set_title(f"{run_id}: speedup over fp32 eager{_old_mark(run)}", fontsize=10)
         for y, value in enumerate(values):
             axis.text(value, y, f" {value:.2f}x", va="center", fontsize=8)
         axis.set_xlim(0, max(values) * 1.18)

@@ -1,5 +1,6 @@
 """The benchmark suite: every model and shape, by-hand columns against autocpu's plans and the
-oracle, all measured side by side in one interleaved run per model and shape.
+oracle, measured side by side: each column built and kept warm in a process of its own, the
+columns taking alternating turns (see ``benchmarks.warm``).
 
     python -m benchmarks.run_suite                       # the whole matrix (hours on 2 cores)
     python -m benchmarks.run_suite --models bert-base --shapes b1s128
@@ -12,6 +13,7 @@ markdown table and PNG chart beside it are rewritten from the JSON after every r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,8 +30,9 @@ from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.backends import all_backends
 from autocpu.backends.base import Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
+from autocpu.finals import WARMUP_CALLS
 from autocpu.inputs import synthesize_inputs
-from autocpu.measure import busy_percent, interleaved
+from autocpu.measure import alternate, busy_percent, local_turn, warm_up
 from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
@@ -38,13 +41,14 @@ from autocpu.workloads import ForwardPass
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
+from benchmarks.warm import Recipe, close_all, start_all
 from benchmarks.zoo import MODELS, materialize
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"b1s128": (1, 128), "b8s128": (8, 128), "b1s16": (1, 16)}
 TOLERANCES = ("strict", "bf16", "int8")
 DEFAULT_MODELS = ("bert-base", "distilbert-base", "roberta-base", "gpt2", "all-MiniLM-L6-v2")
-#: Seconds of interleaved rounds per model and shape (at least MIN_ROUNDS rounds).
+#: Seconds of alternating rounds per model and shape (at least MIN_ROUNDS rounds).
 MEASURE_SECONDS = {"b1s128": 90.0, "b8s128": 180.0, "b1s16": 5.0}
 MIN_ROUNDS = 10
 #: The package's shipped tuning database, which --export-tuning-db writes by default.
@@ -97,7 +101,7 @@ def tune_columns(
 
     The oracle's trials run in its own process (``isolation="none"``): builds are reused
     across thread counts, which makes the sweep of ~130 points affordable; its winner is
-    re-measured interleaved with every other column like the rest.
+    re-measured with every other column like the rest.
     """
     found = {}
     trials = str(args.trials) if args.trials else None
@@ -129,6 +133,54 @@ def plan_column(name: str, tuned: dict, model: torch.nn.Module, batch: dict, cac
     return Column(name, label, applied, precision, setup_s, time.perf_counter() - started)
 
 
+class ServedColumn:
+    """A column in its own process (see ``benchmarks.warm``): turns of one forward pass on the
+    row's batch, its main output, and its description."""
+
+    def __init__(self, column: Column, batch: dict[str, torch.Tensor]) -> None:
+        self.column, self.batch = column, batch
+        if column.run is not None:
+            self.runner = Runner(column.run, threads=torch.get_num_threads())
+            timed = ForwardPass([batch]).timed(self.runner)
+            warm_up(timed, WARMUP_CALLS)
+            self.turn = local_turn(timed)
+
+    def described(self) -> Column:
+        return dataclasses.replace(self.column, run=None)
+
+    def output(self) -> torch.Tensor:
+        return primary(self.runner(**self.batch)).float()
+
+
+def serve_by_hand(name: str, model_dir: Path, task: str, batch: dict) -> ServedColumn:
+    with quiet_build_logs():
+        return ServedColumn(build_column(name, model_dir, task, batch), batch)
+
+
+def serve_plan(
+    name: str, tuned: dict, model_dir: Path, task: str, batch: dict, cache: Path
+) -> ServedColumn:
+    model = load_model_dir(model_dir, task)
+    with quiet_build_logs():
+        return ServedColumn(plan_column(name, tuned, model, batch, cache), batch)
+
+
+def column_recipes(
+    model_dir: Path, task: str, batch: dict, cache: Path, tuned: dict[str, dict]
+) -> list[Recipe]:
+    """The by-hand columns (fp32 eager, the baseline, first) and the plans, one process each."""
+    threads = torch.get_num_threads()
+    common = {"model_dir": model_dir, "task": task, "batch": batch}
+    recipes = [
+        Recipe(name, "benchmarks.run_suite", "serve_by_hand", {"name": name, **common}, threads)
+        for name in BY_HAND
+    ]
+    for name, plan in tuned.items():
+        kwargs = {"name": name, "tuned": plan, "cache": cache, **common}
+        recipes.append(Recipe(name, "benchmarks.run_suite", "serve_plan", kwargs, threads))
+    return recipes
+
+
 def run_one(
     name: str, shape: str, args: argparse.Namespace, peaks: dict, earlier: dict | None = None
 ) -> dict:
@@ -144,26 +196,23 @@ def run_one(
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
     say("  serving memory of the plain model")
     baseline_rss = child("serve", model_dir, zoo.task, shape, cache)
-    say("  building by-hand columns")
-    with quiet_build_logs():
-        columns = [build_column(c, model_dir, zoo.task, batch) for c in BY_HAND]
-        columns += [plan_column(c, t, model, batch, cache) for c, t in tuned.items()]
-    with torch.inference_mode():
-        reference = primary(columns[0].run(**batch))
-    threads = torch.get_num_threads()
-    runnable = [c for c in columns if c.run is not None]
-    workloads = {
-        c.name: ForwardPass([batch]).timed(Runner(c.run, threads=threads)) for c in runnable
-    }
-    say(f"  measuring {len(workloads)} columns interleaved")
-    comparison = interleaved(
-        workloads,
-        "eager",
-        min_rounds=MIN_ROUNDS,
-        max_rounds=1000,
-        max_time_s=args.seconds or MEASURE_SECONDS[shape],
-    )
-    torch.set_num_threads(threads)
+    engines = start_all(column_recipes(model_dir, zoo.task, batch, cache, tuned), say)
+    try:
+        columns = [engine.ask("described") for engine in engines.values()]
+        runnable = [c.name for c in columns if c.error == ""]
+        say(f"  measuring {len(runnable)} columns, a warm process each, in alternating turns")
+        comparison = alternate(
+            {label: engines[label].turn for label in runnable},
+            "eager",
+            min_rounds=MIN_ROUNDS,
+            max_rounds=1000,
+            max_time_s=args.seconds or MEASURE_SECONDS[shape],
+            settle_calls=ForwardPass.settle_calls,
+        )
+        outputs = {label: engines[label].ask("output") for label in runnable}
+    finally:
+        close_all(engines)
+    reference = outputs["eager"]
     rows = {}
     for column in columns:
         row: dict[str, Any] = {
@@ -174,11 +223,12 @@ def run_one(
             "first_call_s": column.first_call_s,
             "error": column.error,
         }
-        if column.run is not None:
-            with torch.inference_mode():
-                output = primary(column.run(**batch))
+        if column.name in outputs:
             accuracy = compare_outputs(
-                reference, output.float(), Tolerance.parse("strict"), batch.get("attention_mask")
+                reference,
+                outputs[column.name],
+                Tolerance.parse("strict"),
+                batch.get("attention_mask"),
             )
             stats = comparison.stats[column.name]
             gflops = flops / (stats.median_ms / 1000.0) / 1e9
@@ -204,6 +254,10 @@ def run_one(
         "seq_len": SHAPES[shape][1],
         "gflop_per_call": flops / 1e9,
         "rounds": comparison.rounds,
+        "protocol": render.APART,
+        "rounds_discarded": comparison.rounds_discarded,
+        "under_load": comparison.under_load,
+        "load_percent": comparison.load_percent,
         "baseline_serving_rss_mb": baseline_rss["serving_rss_mb"],
         "baseline_process_peak_rss_mb": baseline_rss["process_peak_rss_mb"],
         "columns": rows,
@@ -291,7 +345,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/autocpu-bench"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--seconds", type=float, default=None, help="interleaved time per run")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="seconds of alternating rounds per run"
+    )
     parser.add_argument("--trials", type=int, default=None, help="tune budget (autocpu's default)")
     parser.add_argument(
         "--force",

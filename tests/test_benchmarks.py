@@ -41,6 +41,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 
 def test_every_column_is_measured_against_fp32_eager_in_one_run(suite):
+    """Each column in a warm process of its own (tests/test_benchmark_workers.py checks that)."""
     results, _ = suite
     run = results["runs"]["tiny-bert/b1s16"]
     columns = run["columns"]
@@ -55,6 +56,7 @@ def test_every_column_is_measured_against_fp32_eager_in_one_run(suite):
     expected = "bf16" if autocpu.probe().native_bf16 else "fp32"
     assert columns["openvino"]["precision"] == expected  # OpenVINO's own default, read back
     assert run["gflop_per_call"] > 0 and run["rounds"] >= run_suite.MIN_ROUNDS
+    assert run["protocol"] == render.APART
     assert set(results["gemm_peaks"]) >= {"fp32", "int8"}
 
 

@@ -4,14 +4,10 @@ reports and ``autocpu bench --update`` say and fix it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import tiny_inputs, tiny_model
@@ -21,6 +17,10 @@ from autocpu.bench import BenchResult, updated_plan
 from autocpu.errors import AutocpuError
 from autocpu.measure import LOAD_LIMIT, LOAD_WINDOW_S, Comparison, LoadMeter, interleaved
 from autocpu.report import explain_table, plans_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.busy import busy_loops
 
 
 class FakeClock:
@@ -86,33 +86,6 @@ def test_a_machine_that_stays_busy_is_measured_and_marked() -> None:
     result = measured(ScriptedLoad([], then=0.9), max_loaded_s=0.5)
     assert result.under_load and result.load_percent == pytest.approx(90.0)
     assert result.rounds >= 7 and result.rounds_discarded == 0
-
-
-#: Starts a busy loop that is not this process's child (the process that starts it exits at
-#: once), so the meter counts it as other work, and prints its pid.
-_DETACHED_HOG = (
-    "import subprocess, sys; "
-    "print(subprocess.Popen([sys.executable, '-c', 'while True: pass'], "
-    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True).pid)"
-)
-
-
-@contextlib.contextmanager
-def busy_loops(count: int) -> Iterator[None]:
-    """``count`` busy-loop processes outside this process tree while the block runs."""
-    pids = []
-    try:
-        for _ in range(count):
-            started = subprocess.run(
-                [sys.executable, "-c", _DETACHED_HOG], capture_output=True, text=True, check=True
-            )
-            pids.append(int(started.stdout))
-        time.sleep(0.3)
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
