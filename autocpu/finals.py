@@ -122,8 +122,17 @@ def run_finals(candidates: list[TrialRecord], start: StartContender, settle_call
             {label: contender.turn for label, contender in contenders.items()},
             BASELINE,
             settle_calls=settle_calls,
-            settled=lambda so_far: not undecided(finalists, so_far),
+            settled=lambda so_far: (
+                not undecided(
+                    {label: finalists[label] for label in so_far.speedup if label != BASELINE},
+                    so_far,
+                )
+            ),
+            droppable=(FinalsError,),
         )
+        for label, reason in comparison.dropped.items():
+            finalists.pop(label).fail(FAILED, reason)
+            contenders.pop(label).close()
         generation = {
             label: stats
             for label, contender in contenders.items()

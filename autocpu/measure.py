@@ -140,6 +140,9 @@ class Comparison:
     under_load: bool = False
     #: Median share of the usable CPUs that other work used during the rounds, in percent.
     load_percent: float = 0.0
+    #: Workloads whose turn failed during the rounds (an error of a ``droppable`` type), with
+    #: the error's message: they were dropped, and the comparison is of the others.
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: A round during which other work (other processes, and the hypervisor's steal time) used more
@@ -327,6 +330,7 @@ def alternate(
     load: LoadMeter | None = None,
     max_loaded_s: float = MAX_LOADED_S,
     clock: Callable[[], float] | None = None,
+    droppable: tuple[type[Exception], ...] = (),
 ) -> Comparison:
     """Run turns A B C A B C ... and compare each candidate with ``baseline`` round by round.
 
@@ -344,9 +348,15 @@ def alternate(
     under load stop counting against the caps; after ``max_loaded_s`` of them the loaded rounds
     are kept too, and the comparison says it was measured under load. ``clock`` (default
     ``time.perf_counter``) times the rounds.
+
+    A candidate whose turn raises one of ``droppable`` (a worker that crashed, say) is dropped
+    from the rounds, with its message in ``Comparison.dropped``; the baseline's errors are
+    raised.
     """
     if baseline not in turns:
         raise ValueError(f"baseline {baseline!r} is not among the workloads")
+    turns = dict(turns)
+    dropped: dict[str, str] = {}
     meter = load if load is not None else LoadMeter()
     clock = clock or time.perf_counter
     quiet: dict[str, list[float]] = {name: [] for name in turns}
@@ -361,7 +371,15 @@ def alternate(
         rounds_run += 1
         meter.start()
         round_started = clock()
-        times = {name: turn(settle_calls) for name, turn in order}
+        times = {}
+        for name, turn in order:
+            try:
+                times[name] = turn(settle_calls)
+            except droppable as error:
+                if name == baseline:
+                    raise
+                dropped[name] = str(error)
+                del turns[name], quiet[name], loaded[name]
         share = meter.share()
         shares.append(share)
         took = clock() - round_started
@@ -389,6 +407,7 @@ def alternate(
         rounds_discarded=0 if under_load else len(loaded[baseline]),
         under_load=under_load,
         load_percent=100 * statistics.median(shares) if shares else 0.0,
+        dropped=dropped,
     )
 
 

@@ -122,7 +122,31 @@ class FinalsCrashBackend(CallNotingBackend):
         return super().build(spec, params, ctx)
 
 
+class RoundsCrashBackend(CallNotingBackend):
+    """Segfaults on its CRASH_AT-th call in a finals worker: past its warm-up and its check at a
+    second length (at most 23 calls), during the rounds."""
+
+    name = "test_rounds_crash"
+    CRASH_AT = 40
+
+    def build(self, spec: Any, params: Any, ctx: Any) -> Any:
+        module = super().build(spec, params, ctx)
+        if "AUTOCPU_WORKER_CHANNEL" not in os.environ:
+            return module
+        calls = 0
+
+        def counted(**inputs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == self.CRASH_AT:
+                ctypes.string_at(0)
+            return module(**inputs)
+
+        return counted
+
+
 FINALS_CRASH = "misbehaving_backends:FinalsCrashBackend"
+ROUNDS_CRASH = "misbehaving_backends:RoundsCrashBackend"
 CALL_NOTING = "misbehaving_backends:CallNotingBackend,misbehaving_backends:OtherCallNotingBackend"
 BARRIER = "misbehaving_backends:BarrierBackend"
 ALL = (

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_inputs, tiny_model
 from misbehaving_backends import ALL as MISBEHAVING
-from misbehaving_backends import BARRIER, CALL_NOTING, FINALS_CRASH
+from misbehaving_backends import BARRIER, CALL_NOTING, FINALS_CRASH, ROUNDS_CRASH
 
 import autocpu
 from autocpu.plans import PlanCache
@@ -63,16 +63,22 @@ def test_each_finalist_is_timed_in_a_warm_process_of_its_own(
         assert os.getpid() not in pids["test_calls_a"] | pids["test_calls_b"]
 
 
-def test_a_finalist_whose_worker_crashes_fails_in_one_line(
-    use_test_backends, cache_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("backends", "name"),
+    [(FINALS_CRASH, "test_finals_crash"), (ROUNDS_CRASH, "test_rounds_crash")],
+    ids=["when-built", "during-the-rounds"],
+)
+def test_a_finalist_whose_worker_crashes_fails_in_one_line_and_is_dropped(
+    backends, name, use_test_backends, cache_dir, tmp_path, monkeypatch
 ):
-    use_test_backends(FINALS_CRASH)
+    use_test_backends(backends)
     monkeypatch.setenv("AUTOCPU_TEST_CALLS", str(tmp_path))
-    names = ["eager", "test_finals_crash"]
-    tuned = autocpu.tune(tiny_model("bert"), tiny_inputs("bert"), n_trials=2, backends=names)
-    crashed = next(t for t in tuned.plan.trials if t.backend == "test_finals_crash")
+    tuned = autocpu.tune(
+        tiny_model("bert"), tiny_inputs("bert"), n_trials=2, backends=["eager", name]
+    )
+    crashed = next(t for t in tuned.plan.trials if t.backend == name)
     assert crashed.status == "failed" and "crashed: killed by SIGSEGV" in crashed.reason
-    assert "\n" not in crashed.reason and tuned.plan.backend == "eager"
+    assert "\n" not in crashed.reason and tuned.plan.backend != name
 
 
 def cli(*args, cache, **kwargs):
