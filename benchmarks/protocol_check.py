@@ -55,7 +55,7 @@ def check_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model_dir = materialize(name, args.work)
     cache = row_cache(args.work, name, SHAPE)
     say(f"{name}: strict plan (tuned in a fresh process, or the suite's from its cache)")
-    tuned = child("tune", model_dir, zoo.task, SHAPE, cache, tolerance="strict")
+    tuned = child("tune", model_dir, zoo.task, SHAPE, cache, tolerance="strict", trials=args.trials)
     repeats = separate_ratios(model_dir, zoo.task, cache, tuned["key"], args)
     ratios = [r["ratio"] for r in repeats]
     separate = statistics.median(ratios)
@@ -77,7 +77,15 @@ def check_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         loaded_cache = args.work / "protocol-under-load" / f"{name}-{SHAPE}"
         say(f"{name}: strict plan tuned again while two busy loops occupy both cores")
         with busy_loops(2):
-            loaded = child("tune", model_dir, zoo.task, SHAPE, loaded_cache, tolerance="strict")
+            loaded = child(
+                "tune",
+                model_dir,
+                zoo.task,
+                SHAPE,
+                loaded_cache,
+                tolerance="strict",
+                trials=args.trials,
+            )
         factor = loaded["speedup_at_tune"] / separate
         row["under_load"] = {
             "stored_speedup": loaded["speedup_at_tune"],
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0, help="per separate process")
     parser.add_argument("--under-load", action="store_true")
+    parser.add_argument("--trials", default=None, help="tune budget (autocpu's default)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autocpu-bench"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)

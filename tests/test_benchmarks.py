@@ -21,7 +21,7 @@ from autocpu.sharing import read_bundle
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import render, run_suite  # noqa: E402
+from benchmarks import protocol_check, render, run_suite  # noqa: E402
 from benchmarks.by_hand import BY_HAND  # noqa: E402
 
 pytest.importorskip("optimum.onnxruntime")
@@ -175,3 +175,18 @@ def test_force_re_tunes_a_finished_row_instead_of_reloading_its_plans(suite):
     plan = again["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]
     assert plan["study_trials"] == 2  # a new search with the new budget, not the cached one
     assert cache.load(plan["key"]).created != first
+
+
+def test_the_protocol_check_compares_the_stored_speedup_with_separate_processes(tmp_path):
+    argv = ["--models", "tiny-bert", "--repeats", "2", "--seconds", "0.5", "--trials", "3"]
+    assert protocol_check.main([*argv, "--work", str(tmp_path), "--results", str(tmp_path)]) == 0
+    fingerprint = autocpu.probe().fingerprint()
+    results = json.loads((tmp_path / f"protocol-{fingerprint}.json").read_text())
+    run = results["runs"]["tiny-bert/b1s128"]
+    assert len(run["separate_ratios"]) == 2 and all(r > 0 for r in run["separate_ratios"])
+    eager, plan = run["repeats"][0]["eager"], run["repeats"][0]["plan"]
+    assert run["separate_ratios"][0] == pytest.approx(eager["median_ms"] / plan["median_ms"])
+    assert eager["calls"] >= 10 and plan["calls"] >= 10
+    assert run["stored_speedup"] > 0 and run["plan"]["key"]
+    assert run["quiet_ok"] == (abs(run["stored_speedup"] / run["separate_ratio"] - 1) <= 0.15)
+    assert "tiny-bert b1s128" in (tmp_path / f"protocol-{fingerprint}.md").read_text()
