@@ -122,12 +122,7 @@ def run_finals(candidates: list[TrialRecord], start: StartContender, settle_call
             {label: contender.turn for label, contender in contenders.items()},
             BASELINE,
             settle_calls=settle_calls,
-            settled=lambda so_far: (
-                not undecided(
-                    {label: finalists[label] for label in so_far.speedup if label != BASELINE},
-                    so_far,
-                )
-            ),
+            settled=lambda so_far: not undecided(finalists, so_far),
             droppable=(FinalsError,),
         )
         for label, reason in comparison.dropped.items():
@@ -208,7 +203,9 @@ def _proven(comparison: Comparison, label: str) -> bool:
 
 def undecided(names: Mapping[str, TrialRecord], comparison: Comparison) -> bool:
     """Whether more interleaved rounds could still change the decision: the preferred finalist
-    is ahead of the baseline beyond noise but not yet proven faster."""
+    is ahead of the baseline beyond noise but not yet proven faster. Finalists the comparison
+    does not have (dropped from the rounds) are left out."""
+    names = {label: record for label, record in names.items() if label in comparison.speedup}
     if not names:
         return False
     _, chosen = _preferred(names, comparison.speedup)
