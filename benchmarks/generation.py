@@ -45,15 +45,14 @@ from autocpu.accuracy import Tolerance
 from autocpu.backends import all_backends
 from autocpu.backends.base import Runner, quiet_build_logs
 from autocpu.errors import one_line
-from autocpu.finals import WARMUP_CALLS
-from autocpu.measure import Comparison, alternate, busy_percent, local_turn, warm_up
+from autocpu.measure import Comparison, busy_percent
 from autocpu.models import load_model_dir
 from autocpu.plans import current_versions
 from autocpu.workloads import Generation
 from benchmarks.child import PeakTreeRss, own_peak_rss_mb, reset_peak_rss
 from benchmarks.render import APART, load_note, protocol
 from benchmarks.run_suite import load_results, plan_precision, say
-from benchmarks.warm import Recipe, close_all, start_all
+from benchmarks.warm import Recipe, measure_columns, warm_turn
 from benchmarks.zoo import ZooModel
 from examples._smollm2 import SAVED, smollm2_dir
 
@@ -466,9 +465,7 @@ class ServedGeneration:
     def __init__(self, column: Column, workload: Generation) -> None:
         self.column, self.workload = column, workload
         if column.runner is not None:
-            timed = workload.timed(column.runner)
-            warm_up(timed, WARMUP_CALLS)
-            self.turn = local_turn(timed)
+            self.turn = warm_turn(workload.timed(column.runner))
 
     def described(self) -> Column:
         return dataclasses.replace(self.column, runner=None)
@@ -586,7 +583,8 @@ def column_row(
 
 
 def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) -> dict:
-    """Tune, build every column in a process of its own, measure them in alternating turns; the model's row."""
+    """Tune, build every column in a process of its own, measure them in alternating turns: the
+    model's row."""
     model_dir = materialize(name, args.work)
     batch = prompt_batch(name, model_dir, settings.prompt_len)
     row_dir = args.work / "runs" / f"{name}-p{settings.prompt_len}-n{settings.new_tokens}"
@@ -609,24 +607,17 @@ def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) 
     ctx.model = model = None  # each column's process loads its own
     gc.collect()
     threads = torch.get_num_threads()
-    engines = start_all(column_recipes(ctx, tuned), say)
-    try:
-        columns = [engine.ask("described") for engine in engines.values()]
-        runnable = [c.name for c in columns if c.error == ""]
-        say(f"  measuring {len(runnable)} columns, a warm process each, in alternating turns")
-        busy = busy_percent()
-        comparison = alternate(
-            {label: engines[label].turn for label in runnable},
-            "eager",
-            min_rounds=settings.min_rounds,
-            max_rounds=1000,
-            max_time_s=settings.max_time_s,
-            settle_calls=Generation.settle_calls,
-        )
-        say("  accuracy, TTFT and TPOT per column")
-        figures = {label: engines[label].ask("figures", references) for label in runnable}
-    finally:
-        close_all(engines)
+    busy = busy_percent()
+    measured = measure_columns(
+        column_recipes(ctx, tuned),
+        say,
+        ("figures", references),
+        min_rounds=settings.min_rounds,
+        max_rounds=1000,
+        max_time_s=settings.max_time_s,
+        settle_calls=Generation.settle_calls,
+    )
+    columns, comparison, figures = measured.columns, measured.comparison, measured.answers
     rows: dict[str, dict[str, Any]] = {}
     for column in columns:  # the baseline first: every speedup refers to its tokens/s
         baseline_tps = rows["eager"].get("tokens_per_s") if rows else None

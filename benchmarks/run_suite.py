@@ -30,9 +30,8 @@ from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.backends import all_backends
 from autocpu.backends.base import Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
-from autocpu.finals import WARMUP_CALLS
 from autocpu.inputs import synthesize_inputs
-from autocpu.measure import alternate, busy_percent, local_turn, warm_up
+from autocpu.measure import busy_percent
 from autocpu.models import load_model_dir
 from autocpu.outputs import named_tensors
 from autocpu.plans import PlanCache, current_versions
@@ -41,7 +40,7 @@ from autocpu.workloads import ForwardPass
 from benchmarks import render
 from benchmarks.by_hand import BY_HAND, Column, build_column
 from benchmarks.limits import flops_per_call, fraction_of_peak, gemm_peaks
-from benchmarks.warm import Recipe, close_all, start_all
+from benchmarks.warm import Recipe, measure_columns, warm_turn
 from benchmarks.zoo import MODELS, materialize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,9 +140,7 @@ class ServedColumn:
         self.column, self.batch = column, batch
         if column.run is not None:
             self.runner = Runner(column.run, threads=torch.get_num_threads())
-            timed = ForwardPass([batch]).timed(self.runner)
-            warm_up(timed, WARMUP_CALLS)
-            self.turn = local_turn(timed)
+            self.turn = warm_turn(ForwardPass([batch]).timed(self.runner))
 
     def described(self) -> Column:
         return dataclasses.replace(self.column, run=None)
@@ -196,22 +193,16 @@ def run_one(
     tuned = tune_columns(model_dir, zoo.task, shape, cache, args, oracle)
     say("  serving memory of the plain model")
     baseline_rss = child("serve", model_dir, zoo.task, shape, cache)
-    engines = start_all(column_recipes(model_dir, zoo.task, batch, cache, tuned), say)
-    try:
-        columns = [engine.ask("described") for engine in engines.values()]
-        runnable = [c.name for c in columns if c.error == ""]
-        say(f"  measuring {len(runnable)} columns, a warm process each, in alternating turns")
-        comparison = alternate(
-            {label: engines[label].turn for label in runnable},
-            "eager",
-            min_rounds=MIN_ROUNDS,
-            max_rounds=1000,
-            max_time_s=args.seconds or MEASURE_SECONDS[shape],
-            settle_calls=ForwardPass.settle_calls,
-        )
-        outputs = {label: engines[label].ask("output") for label in runnable}
-    finally:
-        close_all(engines)
+    measured = measure_columns(
+        column_recipes(model_dir, zoo.task, batch, cache, tuned),
+        say,
+        ("output",),
+        min_rounds=MIN_ROUNDS,
+        max_rounds=1000,
+        max_time_s=args.seconds or MEASURE_SECONDS[shape],
+        settle_calls=ForwardPass.settle_calls,
+    )
+    columns, comparison, outputs = measured.columns, measured.comparison, measured.answers
     reference = outputs["eager"]
     rows = {}
     for column in columns:

@@ -19,13 +19,14 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from autocpu.finals import WARMUP_CALLS
 from autocpu.isolation import (
     CHANNEL_ENV,
     WarmProcess,
@@ -33,6 +34,7 @@ from autocpu.isolation import (
     channel_to_parent,
     thread_env,
 )
+from autocpu.measure import Comparison, Turn, alternate, local_turn, warm_up
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a column's process may take for one request, its build (an export, a compile) first.
@@ -82,7 +84,7 @@ def _start(recipe: Recipe, folder: Path, channel: int) -> subprocess.Popen:
         )
 
 
-def start_all(recipes: list[Recipe], say: Any) -> dict[str, Engine]:
+def start_all(recipes: list[Recipe], say: Callable[[str], None]) -> dict[str, Engine]:
     """Every recipe's process, started and built one after another (builds compete for the
     CPUs otherwise, and their one-time costs are part of the results)."""
     engines: dict[str, Engine] = {}
@@ -99,6 +101,41 @@ def start_all(recipes: list[Recipe], say: Any) -> dict[str, Engine]:
 def close_all(engines: Mapping[str, Engine]) -> None:
     for engine in engines.values():
         engine.close()
+
+
+def warm_turn(timed: Callable[[], object]) -> Turn:
+    """A served column's turn: ``timed`` (one call of its workload) warmed up, then taken."""
+    warm_up(timed, WARMUP_CALLS)
+    return local_turn(timed)
+
+
+@dataclass
+class Measured:
+    """The columns' descriptions (each served object's ``described()``, fp32 eager first), their
+    alternating rounds, and each runnable column's answer to the follow-up request."""
+
+    columns: list[Any]
+    comparison: Comparison
+    answers: dict[str, Any]
+
+
+def measure_columns(
+    recipes: list[Recipe], say: Callable[[str], None], follow_up: tuple, **rounds: Any
+) -> Measured:
+    """Start every column's process, time the runnable ones (those built without an error) in
+    alternating turns against the first (``rounds``: :func:`autocpu.measure.alternate`'s caps),
+    ask each of them ``follow_up`` (a request and its arguments), and close them all."""
+    engines = start_all(recipes, say)
+    try:
+        columns = [engine.ask("described") for engine in engines.values()]
+        runnable = [column.name for column in columns if not column.error]
+        say(f"  measuring {len(runnable)} columns, a warm process each, in alternating turns")
+        turns = {name: engines[name].turn for name in runnable}
+        comparison = alternate(turns, recipes[0].name, **rounds)
+        answers = {name: engines[name].ask(*follow_up) for name in runnable}
+    finally:
+        close_all(engines)
+    return Measured(columns, comparison, answers)
 
 
 def main(job: str) -> None:
