@@ -3,19 +3,21 @@
 Four numbers per output tensor: max absolute difference, that difference relative to the
 reference's scale (its max absolute value), cosine similarity, and, for logits, how often the
 argmax agrees. A tolerance bounds the relative difference, cosine and argmax agreement
-(optionally the absolute difference too); presets cover fp32-faithful, bf16- and int8-level.
+(optionally the absolute difference too); presets cover fp32-faithful, bf16-, int8- and (for
+generation) int4-level.
 
 Generation is compared teacher-forced, so one changed token does not make every later position
 incomparable: the candidate's logits along the reference's own greedy continuation (the same
-four numbers; the argmax agreement is the top-1 agreement per position), plus the greedy tokens
-the candidate generated itself (the fraction identical and the identical prefix).
+four numbers; the argmax agreement is the top-1 agreement per position), the perplexity of that
+continuation under the candidate relative to fp32 eager's, plus the greedy tokens the candidate
+generated itself (the fraction identical and the identical prefix).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +48,9 @@ class Tolerance:
     #: position. None: all of them when ``min_argmax`` is 1, else not bounded (see
     #: :attr:`same_tokens_bound`).
     min_same_tokens: float | None = None
+    #: Generation only: how many times fp32 eager's perplexity of its own greedy continuation
+    #: the candidate's may be (teacher-forced; None: not bounded).
+    max_perplexity_ratio: float | None = None
 
     def __post_init__(self) -> None:
         bad = []
@@ -59,11 +64,15 @@ class Tolerance:
             bad.append(f"max_abs={self.max_abs}")
         if self.min_same_tokens is not None and not (0.0 <= self.min_same_tokens <= 1.0):
             bad.append(f"min_same_tokens={self.min_same_tokens}")
+        ratio = self.max_perplexity_ratio
+        if ratio is not None and not (math.isfinite(ratio) and ratio >= 1.0):
+            bad.append(f"max_perplexity_ratio={ratio}")
         if bad:
             raise AutocpuError(
                 f"bad tolerance: {', '.join(bad)}",
                 "use max_rel > 0, min_cosine in [-1, 1], min_argmax in [0, 1], max_abs > 0, "
-                "min_same_tokens in [0, 1] (or a preset: 'strict', 'bf16', 'int8')",
+                "min_same_tokens in [0, 1], max_perplexity_ratio >= 1 "
+                "(or a preset: 'strict', 'bf16', 'int8', 'int4')",
             )
 
     @classmethod
@@ -78,8 +87,36 @@ class Tolerance:
 
     @classmethod
     def int8(cls) -> Tolerance:
-        """int8-level: dynamic int8 quantization (measured ~4% relative, cosine 0.999)."""
-        return cls(max_rel=0.15, min_cosine=0.99, min_argmax=0.9, name="int8")
+        """int8-level: dynamic int8 quantization (measured ~4% relative, cosine 0.999); for
+        generation the continuation's perplexity may also rise by :data:`INT8_PERPLEXITY`."""
+        return cls(
+            max_rel=0.15,
+            min_cosine=0.99,
+            min_argmax=0.9,
+            name="int8",
+            max_perplexity_ratio=INT8_PERPLEXITY,
+        )
+
+    @classmethod
+    def int4(cls) -> Tolerance:
+        """int4-level, for generation with 4-bit weights: the teacher-forced logits may differ
+        widely in places (a bound on the relative difference would reject every 4-bit model),
+        so what is bounded is what a reader of the text sees: top-1 agreement per position,
+        the logits' cosine, and the continuation's perplexity (see :data:`INT4_PERPLEXITY`)."""
+        return cls(
+            max_rel=INT4_MAX_REL,
+            min_cosine=INT4_MIN_COSINE,
+            min_argmax=INT4_MIN_TOP1,
+            name="int4",
+            max_perplexity_ratio=INT4_PERPLEXITY,
+        )
+
+    def for_workload(self, workload: str) -> Tolerance:
+        """This tolerance without the bounds ``workload`` has nothing to apply them to (a
+        forward pass generates no tokens): a plan's key then stays that of the forward bounds."""
+        if workload == "generate":
+            return self
+        return replace(self, min_same_tokens=None, max_perplexity_ratio=None)
 
     @classmethod
     def parse(cls, value: Any) -> Tolerance:
@@ -89,7 +126,13 @@ class Tolerance:
         if value is None:
             return cls.strict()
         if isinstance(value, str):
-            presets = {"strict": cls.strict, "fp32": cls.strict, "bf16": cls.bf16, "int8": cls.int8}
+            presets = {
+                "strict": cls.strict,
+                "fp32": cls.strict,
+                "bf16": cls.bf16,
+                "int8": cls.int8,
+                "int4": cls.int4,
+            }
             if value.lower() in presets:
                 return presets[value.lower()]()
             try:
@@ -106,11 +149,12 @@ class Tolerance:
         raise AutocpuError(f"bad tolerance {value!r}", _TOLERANCE_FIX)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields, ``min_same_tokens`` only when set (so plan keys made before it existed,
-        shipped plans included, stay the same)."""
+        """The fields, the generation-only ones only when set (so plan keys made before they
+        existed, shipped plans included, stay the same)."""
         data = asdict(self)
-        if data["min_same_tokens"] is None:
-            del data["min_same_tokens"]
+        for name in _GENERATION_ONLY:
+            if data[name] is None:
+                del data[name]
         return data
 
     @property
@@ -134,12 +178,40 @@ class Tolerance:
         on bert-base), so a bound below 0.1% or a cosine above 0.99999 rules them out."""
         return self.max_rel >= LOSSY_MIN_REL and self.min_cosine < 0.99999
 
+    @property
+    def admits_int4(self) -> bool:
+        """Whether 4-bit weights can pass: only as loose as the ``int4`` preset in relative
+        difference, cosine and top-1 agreement (tighter bounds reject every 4-bit candidate,
+        and each costs a compression to find that out)."""
+        return (
+            self.max_rel >= INT4_MAX_REL
+            and self.min_cosine <= INT4_MIN_COSINE
+            and self.min_argmax <= INT4_MIN_TOP1
+        )
+
 
 #: The smallest relative difference a bf16 or int8 candidate was seen to stay within.
 LOSSY_MIN_REL = 1e-3
+#: int8 weights changed the perplexity of fp32's greedy continuation by 0.994-1.032x on the
+#: trained SmolLM2-135M (OpenVINO per channel, ONNX Runtime ``MatMulNBits`` in blocks of 128):
+#: a 5% rise is int8-level, more is a damaged model.
+INT8_PERPLEXITY = 1.05
+#: Perplexity is exp of the mean per-token surprise, so a 10% rise makes each token of the text
+#: ~0.095 nats less likely on average: about three times what int8 weights cost (<= 0.032), the
+#: loss allowed for halving the bytes again. 4-bit weights measured 1.22-1.87x on SmolLM2-135M
+#: (nncf and ``MatMulNBits``, groups of 32-128, with and without AWQ): a model that small needs
+#: 8 bits, and this bound says so rather than admitting them.
+INT4_PERPLEXITY = 1.10
+#: Single 4-bit logits moved by 0.37-0.60 of the largest there, so the relative difference is not
+#: what bounds a 4-bit model; the ranking greedy decoding reads and the logits' direction are
+#: (int8 weights kept top-1 >= 0.947 and cosine >= 0.998; 4-bit ones 0.59-0.72 and 0.87-0.96).
+INT4_MAX_REL = 1.0
+INT4_MIN_COSINE = 0.95
+INT4_MIN_TOP1 = 0.8
+_GENERATION_ONLY = ("min_same_tokens", "max_perplexity_ratio")
 
 _TOLERANCE_FIX = (
-    "use 'strict', 'bf16', 'int8', a relative difference such as 0.01, "
+    "use 'strict', 'bf16', 'int8', 'int4', a relative difference such as 0.01, "
     "or Tolerance(max_rel=..., min_cosine=..., min_argmax=...)"
 )
 
@@ -236,6 +308,14 @@ def compare_generated(
         {"logits": reference["logits"]}, {"logits": candidate["logits"]}, tolerance, mask
     )
     expected, got = reference["sequences"], candidate["sequences"]
+    if tuple(candidate["logits"].shape) == tuple(reference["logits"].shape):
+        ratio = perplexity_ratio(reference["logits"], candidate["logits"], expected, prompt_length)
+        report.perplexity_ratio = ratio
+        bound = tolerance.max_perplexity_ratio
+        if bound is not None and ratio > bound:
+            report.failures.append(
+                f"perplexity of fp32's continuation {ratio:.3f}x fp32 eager's > {bound:g}x"
+            )
     if tuple(got.shape) != tuple(expected.shape):
         report.failures.append(f"generated {tuple(got.shape)} tokens, not {tuple(expected.shape)}")
         return report
@@ -249,3 +329,25 @@ def compare_generated(
             f"{report.same_prefix} in every row) < {bound:.0%}"
         )
     return report
+
+
+def perplexity_ratio(
+    reference_logits: torch.Tensor,
+    candidate_logits: torch.Tensor,
+    sequences: torch.Tensor,
+    prompt_length: int,
+) -> float:
+    """The candidate's perplexity of the continuation in ``sequences`` (the tokens after
+    ``prompt_length``, teacher-forced) over the reference's: exp of the mean difference in
+    negative log-likelihood, every continuation token of every row counted once. 1.0: as
+    likely under both; 1.1: the candidate finds the text 10% more surprising."""
+    if sequences.shape[-1] <= prompt_length:
+        return 1.0
+    targets = sequences[:, prompt_length:]
+    predicting = slice(prompt_length - 1, sequences.shape[-1] - 1)
+
+    def mean_nll(logits: torch.Tensor) -> float:
+        scores = logits[:, predicting].double().log_softmax(-1)
+        return float(-scores.gather(-1, targets.unsqueeze(-1)).mean())
+
+    return math.exp(mean_nll(candidate_logits) - mean_nll(reference_logits))

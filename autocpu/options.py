@@ -76,7 +76,9 @@ class TuneOptions:
 
     tolerance: Tolerance = field(
         default="strict",
-        metadata=_flag("strict, bf16, int8, or a max relative difference such as 0.01"),
+        metadata=_flag(
+            "strict, bf16, int8, int4 (generation), or a max relative difference such as 0.01"
+        ),
     )
     n_trials: int | None = field(
         default=None,

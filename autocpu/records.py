@@ -33,6 +33,9 @@ class AccuracyReport:
     #: identical prefix over the rows (None for other workloads).
     same_tokens: float | None = None
     same_prefix: int | None = None
+    #: Generation: the candidate's perplexity of fp32 eager's greedy continuation over fp32
+    #: eager's own, the highest over the batches (None for other workloads).
+    perplexity_ratio: float | None = None
     failures: list[str] = field(default_factory=list)
     #: Outputs the reference returns and the candidate did not (its numbers cover the rest).
     missing: list[str] = field(default_factory=list)
@@ -61,6 +64,8 @@ class AccuracyReport:
         self.min_argmax = _lowest(self.min_argmax, other.min_argmax)
         self.same_tokens = _lowest(self.same_tokens, other.same_tokens)
         self.same_prefix = _lowest(self.same_prefix, other.same_prefix)
+        if other.perplexity_ratio is not None:
+            self.perplexity_ratio = max(self.perplexity_ratio or 0.0, other.perplexity_ratio)
         self.failures.extend(other.failures)
         self.missing.extend(name for name in other.missing if name not in self.missing)
 

@@ -31,6 +31,8 @@ def accuracy_cell(accuracy: AccuracyReport | None) -> str:
     cell = f"rel {accuracy.max_rel:.1e} cos {accuracy.min_cosine:.5f}"
     if accuracy.min_argmax is not None:
         cell += f" argmax {accuracy.min_argmax:.3f}"
+    if accuracy.perplexity_ratio is not None:
+        cell += f" ppl {accuracy.perplexity_ratio:.3f}x"
     if accuracy.same_tokens is not None:
         cell += f" tokens {accuracy.same_tokens:.0%}"
     return cell
@@ -97,13 +99,20 @@ def outcome(plan: Plan, trial: TrialRecord, winner: TrialRecord | None) -> str:
     return verdict + note
 
 
+def perplexity_bound(tolerance: dict[str, Any]) -> str:
+    """The tolerance's bound on generation perplexity, as a caption clause ("" when unbounded)."""
+    bound = tolerance.get("max_perplexity_ratio")
+    return f", perplexity <= {bound}x fp32's" if bound is not None else ""
+
+
 def explain_table(plan: Plan) -> str:
     """Every candidate tried, the winner first, with the decision as a caption."""
     tol = plan.tolerance
     caption = (
         f"tolerance {tol.get('name', 'custom')}: relative diff <= {tol.get('max_rel')}, cosine >= "
-        f"{tol.get('min_cosine')}, argmax >= {tol.get('min_argmax')}; speedups measured "
-        f"interleaved against the baseline, ~ marks a separate measurement; {plan.measured_in}"
+        f"{tol.get('min_cosine')}, argmax >= {tol.get('min_argmax')}"
+        f"{perplexity_bound(tol)}; speedups measured interleaved against the baseline, ~ marks "
+        f"a separate measurement; {plan.measured_in}"
     )
     generates = plan.workload == "generate"
     summary = generation_summary(plan)

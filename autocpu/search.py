@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from autocpu.accuracy import Tolerance
 from autocpu.backends import Backend
 from autocpu.hardware import CpuInfo
 from autocpu.models import ModelSpec
@@ -150,14 +151,18 @@ class Budget:
 class Space:
     """The eligible backends' settings as Optuna parameters, and the candidates tried first."""
 
-    def __init__(self, backends: list[Backend], spec: ModelSpec, hw: CpuInfo, lossy: bool) -> None:
+    def __init__(
+        self, backends: list[Backend], spec: ModelSpec, hw: CpuInfo, tolerance: Tolerance
+    ) -> None:
         self.backends = {b.name: b for b in backends}
-        self.spec, self.hw, self.lossy = spec, hw, lossy
+        self.spec, self.hw = spec, hw
+        self.lossy, self.int4 = tolerance.admits_lossy, tolerance.admits_int4
 
     def propose(self, trial: optuna.Trial) -> TrialRecord:
         """The candidate ``trial`` asks for: the sampler's pick, or a queued point."""
         name = trial.suggest_categorical("backend", list(self.backends))
-        params = self.backends[name].suggest(trial, self.spec, self.hw, lossy=self.lossy)
+        backend = self.backends[name]
+        params = backend.suggest(trial, self.spec, self.hw, lossy=self.lossy, int4=self.int4)
         return TrialRecord(name, params, number=trial.number)
 
     def point(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,11 +188,14 @@ class Space:
     def first_candidates(
         self, seeds: list[tuple[str, dict[str, Any]]]
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Shipped winners, then (under a loose tolerance) every backend's bf16/int8 recipes,
-        then every backend's defaults, each that lies in this space. The recipes go first
-        because they are what a loose tolerance is for: a small budget spent on fp32 defaults
-        would never reach them."""
+        """Shipped winners, then (under a loose tolerance) every backend's 4-bit and bf16/int8
+        recipes, then every backend's defaults, each that lies in this space. The recipes go
+        first because they are what a loose tolerance is for: a small budget spent on fp32
+        defaults would never reach them."""
         backends = self.backends.values()
+        int4 = [
+            (b.name, p) for b in backends if self.int4 for p in b.int4_defaults(self.spec, self.hw)
+        ]
         recipes = [
             (b.name, p)
             for b in backends
@@ -195,7 +203,7 @@ class Space:
             for p in b.lossy_defaults(self.spec, self.hw)
         ]
         defaults = [(b.name, b.defaults(self.hw)) for b in backends]
-        return [c for c in [*seeds, *recipes, *defaults] if self.contains(*c)]
+        return [c for c in [*seeds, *int4, *recipes, *defaults] if self.contains(*c)]
 
 
 class Search:
@@ -216,12 +224,12 @@ class Search:
         hw: CpuInfo,
         budget: Budget,
         *,
-        lossy: bool,
+        tolerance: Tolerance,
         seeds: list[tuple[str, dict[str, Any]]] = (),
         progress: ProgressCallback | None = None,
     ) -> None:
         self.executor, self.study, self.budget, self.seeds = executor, study, budget, seeds
-        self.space = Space(backends, spec, hw, lossy)
+        self.space = Space(backends, spec, hw, tolerance)
         self.progress = Progress(progress, budget.n_trials)
         self.measured = 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,11 @@ class Tuning:
     """A tune of one model on one machine: :meth:`run` returns the drop-in model."""
 
     def __init__(self, model: torch.nn.Module, example_inputs: Any, options: TuneOptions) -> None:
-        self.options = options
         self.backends = _selected(options.backends)
         self.spec = make_spec(model, options.task)
         self.spec.workload = options.workload_for(self.spec.task)
+        tolerance = options.tolerance.for_workload(self.spec.workload)
+        self.options = options = replace(options, tolerance=tolerance)
         self.workload = _workload(self.spec.workload, self._batches(example_inputs), options)
         self.hw = probe()
         self.cache = PlanCache(Path(options.cache_dir) if options.cache_dir else None)
@@ -146,7 +147,7 @@ class Tuning:
             eligible,
             self.hw,
             Budget(*self.options.budget),
-            lossy=tolerance.admits_lossy,
+            tolerance=tolerance,
             seeds=sharing.seeds(self.spec.fingerprint, self.hw.family_key()),
             progress=self.options.progress,
         )

@@ -58,12 +58,26 @@ from examples._smollm2 import SAVED, smollm2_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "text-generation"
-TOLERANCES = ("strict", "bf16")
+TOLERANCES = ("strict", "bf16", "int8", "int4")
 DEFAULT_MODELS = ("smollm2", "qwen2.5-0.5b-shape")
 #: Bytes per weight (and per KV cache value) at each precision a column runs in.
-BYTES = {"fp32": 4, "f16": 2, "bf16": 2, "int8": 1}
+#: int4: group-wise 4-bit weights with a 16-bit scale (and zero point) per group of 64-128,
+#: about 4.5 bits per weight, as GGUF's Q4 formats.
+BYTES = {"fp32": 4, "f16": 2, "bf16": 2, "int8": 1, "int4": 4.5 / 8}
 #: Column order in the tables (the first is the baseline); other columns follow, sorted.
-ORDER = ("eager", "openvino", "openvino_f32", "ort", "autocpu_strict", "autocpu_bf16")
+ORDER = (
+    "eager",
+    "openvino",
+    "openvino_f32",
+    "ort",
+    "openvino_int8",
+    "openvino_int4",
+    "ort_int4",
+    "autocpu_strict",
+    "autocpu_bf16",
+    "autocpu_int8",
+    "autocpu_int4",
+)
 #: Size of each of the triad's three fp32 tensors: far beyond any cache.
 BANDWIDTH_MB = 256
 
@@ -358,22 +372,32 @@ def _eager(ctx: Context) -> Built:
     return Built(ctx.model, "fp32", ctx.load_s)
 
 
-def _openvino(config: dict[str, str] | None) -> Builder:
+def _openvino(config: dict[str, str] | None, weight_bits: int | None = None) -> Builder:
     """optimum-intel's usual two steps: export the IR (stateful, KV cache inside), then
-    ``from_pretrained`` it with ``config`` (None: optimum-intel's defaults)."""
+    ``from_pretrained`` it with ``config`` (None: optimum-intel's defaults), and with
+    ``weight_bits`` its weights compressed on load by optimum-intel's own defaults
+    (``OVWeightQuantizationConfig(bits=...)``: int8 per channel, int4 asymmetric), int4 in
+    groups of 64 (its default 128 fails on layers 576 wide, as SmolLM2's), the compression
+    counted in the one-time cost."""
 
     def build(ctx: Context) -> Built:
-        from optimum.intel import OVModelForCausalLM
+        from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
         from autocpu.backends.openvino import compiled_precision
 
         folder, export_s = export_once("openvino", ctx)
         started = time.perf_counter()
-        model = OVModelForCausalLM.from_pretrained(folder, ov_config=config)
+        groups = {"group_size": 64} if weight_bits == 4 else {}
+        compression = (
+            OVWeightQuantizationConfig(bits=weight_bits, **groups) if weight_bits else None
+        )
+        model = OVModelForCausalLM.from_pretrained(
+            folder, ov_config=config, quantization_config=compression
+        )
         load_s = time.perf_counter() - started
         compiled = compiled_precision(model)
-        precision = {"f32": "fp32"}.get(compiled, compiled)
-        info = {"export_s": export_s, "load_s": load_s}
+        precision = f"int{weight_bits}" if weight_bits else {"f32": "fp32"}.get(compiled, compiled)
+        info = {"export_s": export_s, "load_s": load_s, "compute": compiled}
         return Built(model, precision, export_s + load_s, info)
 
     return build
@@ -389,6 +413,34 @@ def _ort(ctx: Context) -> Built:
     )
     load_s = time.perf_counter() - started
     return Built(model, "fp32", export_s + load_s, {"export_s": export_s, "load_s": load_s})
+
+
+def _ort_int4(ctx: Context) -> Built:
+    """onnxruntime's ``MatMulNBitsQuantizer`` with its defaults (4 bits, blocks of 128,
+    asymmetric) on the KV-cache export, written beside it once, then loaded as ``_ort`` does."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    source, export_s = export_once("onnx", ctx)
+    folder = source.parent / "onnx-int4"
+    started = time.perf_counter()
+    if not (folder / "model.onnx").is_file():
+        shutil.copytree(
+            source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.onnx*")
+        )
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source / "model.onnx")))
+        quantizer.process()
+        quantizer.model.save_model_to_file(
+            str(folder / "model.onnx"), use_external_data_format=True
+        )
+    quantize_s = time.perf_counter() - started
+    model = ORTModelForCausalLM.from_pretrained(
+        folder, use_cache=True, provider="CPUExecutionProvider"
+    )
+    load_s = time.perf_counter() - started - quantize_s
+    info = {"export_s": export_s, "quantize_s": quantize_s, "load_s": load_s}
+    return Built(model, "int4", export_s + quantize_s + load_s, info)
 
 
 def _autocpu(tolerance: str, tuned: dict[str, Any]) -> Builder:
@@ -410,10 +462,19 @@ def _autocpu(tolerance: str, tuned: dict[str, Any]) -> Builder:
             raise RuntimeError(f"the {tolerance} plan came from {model.source}, not the cache")
         if model.plan.key != tuned["key"]:
             raise RuntimeError(f"the cache gave plan {model.plan.key}, not {tuned['key']}")
-        precision = plan_precision(model.plan.backend, model.plan.params)
+        precision = weight_precision(model.plan.backend, model.plan.params)
         return Built(model, precision, reload_s, {**tuned, "reload_s": reload_s})
 
     return build
+
+
+def weight_precision(backend: str, params: dict[str, Any]) -> str:
+    """The precision a plan reads its weights in, which decides a decode step's bytes."""
+    weights = {"openvino": params.get("weights"), "onnxruntime": params.get("quantize")}
+    found = str(weights.get(backend) or "")
+    if found.startswith("int4"):
+        return "int4"
+    return "int8" if found.startswith("int8") else plan_precision(backend, params)
 
 
 BY_HAND: dict[str, tuple[str, Builder]] = {
@@ -421,6 +482,9 @@ BY_HAND: dict[str, tuple[str, Builder]] = {
     "openvino": ("OpenVINO defaults (by hand)", _openvino(None)),
     "openvino_f32": ("OpenVINO f32 (by hand)", _openvino({"INFERENCE_PRECISION_HINT": "f32"})),
     "ort": ("ORT with KV cache (by hand)", _ort),
+    "openvino_int8": ("OpenVINO int8 weights (by hand)", _openvino(None, weight_bits=8)),
+    "openvino_int4": ("OpenVINO int4 weights, group 64 (by hand)", _openvino(None, weight_bits=4)),
+    "ort_int4": ("ORT int4 MatMulNBits (by hand)", _ort_int4),
 }
 
 
@@ -482,6 +546,7 @@ class ServedGeneration:
             "same_tokens": accuracy.same_tokens,
             "same_prefix": accuracy.same_prefix,
             "min_argmax": accuracy.min_argmax,
+            "perplexity_ratio": accuracy.perplexity_ratio,
             "min_cosine": accuracy.min_cosine,
             "max_rel": accuracy.max_rel,
             "strict_ok": accuracy.passed,
@@ -635,7 +700,9 @@ def run_one(name: str, args: argparse.Namespace, settings: Settings, bw: float) 
         "weights": roofline.weights,
         "kv_values_per_token": roofline.kv_values_per_token,
         "bandwidth_gbs": bw,
-        "roofline_tokens_per_s": {p: roofline.tokens_per_s(p) for p in ("fp32", "bf16", "int8")},
+        "roofline_tokens_per_s": {
+            p: roofline.tokens_per_s(p) for p in ("fp32", "bf16", "int8", "int4")
+        },
         "rounds": comparison.rounds,
         "protocol": APART,
         "rounds_discarded": comparison.rounds_discarded,
@@ -671,14 +738,14 @@ def model_table(run: dict) -> list[str]:
         f"{roof}.",
         "",
         "| column | tokens/s | speedup | TTFT ms | TPOT ms | same tokens | top-1 | cosine "
-        "| one-time s | peak RSS MiB | of roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| perplexity | one-time s | peak RSS MiB | of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = [n for n in ORDER if n in run["columns"]] + sorted(set(run["columns"]) - set(ORDER))
     columns = [run["columns"][n] for n in names]
     for c in columns:
         if c.get("error"):
-            lines.append(f"| {c['label']} | failed: {c['error'][:120]} |" + " |" * 9)
+            lines.append(f"| {c['label']} | failed: {c['error'][:120]} |" + " |" * 10)
             continue
         cells = [
             f"{c['label']} ({c['precision']})",
@@ -689,6 +756,7 @@ def model_table(run: dict) -> list[str]:
             _cell(c["same_tokens"], ".0%"),
             _cell(c["min_argmax"], ".3f"),
             _cell(c["min_cosine"], ".5f"),
+            _cell(c.get("perplexity_ratio"), ".3f", "x"),
             _cell(c["one_time_s"], ".1f"),
             _cell(c["peak_rss_mb"], ".0f"),
             _cell(c["roofline_fraction"], ".0%"),
@@ -729,7 +797,8 @@ def markdown(results: dict) -> str:
         "their first token; speedup: "
         "tokens/s over fp32 eager's. Same tokens: greedy tokens identical to fp32 eager's; "
         "top-1: teacher-forced top-1 agreement along fp32 eager's sequence; cosine: the "
-        "logits' lowest cosine. One-time: export (when it was made) and load, for autocpu the "
+        "logits' lowest cosine; perplexity: of fp32 eager's greedy continuation, teacher-forced, "
+        "over fp32 eager's own (— in rows measured before it was recorded). One-time: export (when it was made) and load, for autocpu the "
         "cache reload in its process, plus the first generate(). Peak RSS: the peak (VmHWM) of "
         "the column's process once the column was loaded, built and called once (rows of the "
         "old protocol: the one measuring process's, cumulative over the columns built before "

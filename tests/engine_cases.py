@@ -33,15 +33,17 @@ class Case:
 
 def make_cases(artifact_dir: Path) -> dict[str, Case]:
     """Each model with a padded batch (the second row ends in padding) and its outputs."""
-    found = {}
-    for name, (kind, head) in MODELS.items():
-        model = tiny_model(kind, head)
-        inputs = tiny_inputs(kind, batch=2, seq=12, seed=1)
-        with torch.inference_mode():
-            reference = named_tensors(model(**inputs))
-        ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifact_dir)
-        found[name] = Case(make_spec(model), inputs, reference, ctx)
-    return found
+    return {name: make_case(kind, head, artifact_dir) for name, (kind, head) in MODELS.items()}
+
+
+def make_case(kind: str, head: str, artifact_dir: Path) -> Case:
+    """A tiny model of ``kind`` with ``head``, a padded batch and its outputs."""
+    model = tiny_model(kind, head)
+    inputs = tiny_inputs(kind, batch=2, seq=12, seed=1)
+    with torch.inference_mode():
+        reference = named_tensors(model(**inputs))
+    ctx = BuildContext(hw=probe(), example_inputs=[inputs], artifact_dir=artifact_dir)
+    return Case(make_spec(model), inputs, reference, ctx)
 
 
 def run(backend: Backend, case: Case, params: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ class _Misbehaving(Backend):
     def defaults(self, hw: Any) -> dict[str, Any]:
         return {}
 
-    def suggest(self, trial: Any, spec: Any, hw: Any, *, lossy: bool = True) -> dict[str, Any]:
+    def suggest(self, trial: Any, spec: Any, hw: Any, **admitted: bool) -> dict[str, Any]:
         return {}
 
 
@@ -93,7 +93,7 @@ class CallNotingBackend(EagerBackend):
     def lossy_defaults(self, spec: Any, hw: Any) -> list[dict[str, Any]]:
         return []
 
-    def suggest(self, trial: Any, spec: Any, hw: Any, *, lossy: bool = True) -> dict[str, Any]:
+    def suggest(self, trial: Any, spec: Any, hw: Any, **admitted: bool) -> dict[str, Any]:
         return {}
 
     def build(self, spec: Any, params: Any, ctx: Any) -> Any:

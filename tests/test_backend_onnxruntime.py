@@ -17,7 +17,16 @@ pytest.importorskip("onnxruntime")  # optimum 1.x (the legacy lane) has the form
 
 import optuna
 from conftest import tiny_config
-from engine_cases import MODELS, Case, cosine, generated_tokens, make_cases, max_diff, run
+from engine_cases import (
+    MODELS,
+    Case,
+    cosine,
+    generated_tokens,
+    make_case,
+    make_cases,
+    max_diff,
+    run,
+)
 from transformers import (
     BertLMHeadModel,
     CTRLConfig,
@@ -47,6 +56,12 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cases(artifacts: Path) -> dict[str, Case]:
     return make_cases(artifacts)
+
+
+@pytest.fixture(scope="module")
+def llama_case(artifacts: Path) -> Case:
+    """A Llama: its Linear layers export as MatMul (GPT-2's Conv1D as Gemm)."""
+    return make_case("llama", "AutoModelForCausalLM", artifacts)
 
 
 def test_import_is_light() -> None:
@@ -128,6 +143,55 @@ def test_int8_stays_close(
     outputs = named_tensors(backend.bind(built, params)(**case.inputs))
     for key in case.reference:
         assert cosine(outputs, case, key) > 0.99, key
+
+
+@pytest.mark.parametrize(
+    ("quantize", "bits", "close"), [("int8_weights", 8, 0.999), ("int4_weights", 4, 0.95)]
+)
+def test_weight_only_matmul_nbits_weights_stay_close_and_generate(
+    backend: OnnxRuntimeBackend, llama_case: Case, quantize: str, bits: int, close: float
+) -> None:
+    import onnx
+
+    case = llama_case
+    recipe = {"block_size": 32, "symmetric": False, "accuracy_level": 4 if probe().fast_int8 else 1}
+    params = {**backend.defaults(probe()), "quantize": quantize, **recipe}
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.path.name == f"int{bits}w-b32-asym-l{recipe['accuracy_level']}" and built.with_past
+    graph = onnx.load(str(built.path / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(onnx.helper.get_node_attr_value(n, "bits") == bits for n in nbits)
+    runner = backend.bind(built, params)
+    assert cosine(named_tensors(runner(**case.inputs)), case, "logits") > close
+    prompt = case.inputs["input_ids"][:1]
+    tokens = runner.fn.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert tokens.shape == (1, prompt.shape[1] + 3)
+
+
+def test_weight_only_quantization_of_a_gemm_export_fails_in_one_line(
+    backend: OnnxRuntimeBackend, cases: dict[str, Case]
+) -> None:
+    params = {**backend.defaults(probe()), "quantize": "int4_weights", "block_size": 32}
+    with pytest.raises(AutocpuError, match="no MatMul with constant weights"):
+        backend.build(cases["gpt2"].spec, params, cases["gpt2"].ctx)
+
+
+@pytest.mark.parametrize(
+    ("workload", "int4", "choices"),
+    [
+        ("generate", True, ("none", "int8", "int8_weights", "int4_weights")),
+        ("generate", False, ("none", "int8", "int8_weights")),
+        ("forward", True, ("none", "int8")),
+    ],
+)
+def test_weight_only_quantization_is_offered_for_generation_only(
+    backend: OnnxRuntimeBackend, cases: dict[str, Case], workload: str, int4: bool, choices: tuple
+) -> None:
+    spec = dataclasses.replace(cases["gpt2"].spec, workload=workload)
+    vnni = dataclasses.replace(probe(), flags=("avx512_vnni",))
+    trial = optuna.create_study().ask()
+    backend.suggest(trial, spec, vnni, int4=int4)
+    assert trial.distributions["onnxruntime.quantize"].choices == choices
 
 
 def test_second_build_reuses_the_export(backend: OnnxRuntimeBackend, cases: dict[str, Case]):

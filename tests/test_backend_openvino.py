@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from transformers import (
 
 from autocpu.backends import _optimum_common as common
 from autocpu.backends.openvino import (
+    DEFAULT_INT4,
     OpenVinoBackend,
     compiled_precision,
     nncf_installed,
@@ -169,7 +171,57 @@ def test_suggest_defines_the_space(backend: OpenVinoBackend, cases: dict[str, Ca
 def test_unknown_weights_are_refused(backend: OpenVinoBackend, cases: dict[str, Case]) -> None:
     case = cases["bert"]
     with pytest.raises(Exception, match="weights"):
-        backend.build(case.spec, {**backend.defaults(probe()), "weights": "int4"}, case.ctx)
+        backend.build(case.spec, {**backend.defaults(probe()), "weights": "int3"}, case.ctx)
+    with pytest.raises(Exception, match=r"unknown int4 setting group_size=48"):
+        build = {**backend.defaults(probe()), **DEFAULT_INT4, "group_size": 48}
+        backend.build(case.spec, build, case.ctx)
+
+
+@pytest.mark.parametrize(
+    ("workload", "int4", "choices"),
+    [
+        ("generate", True, ("fp32", "int8", "int4")),
+        ("generate", False, ("fp32", "int8")),  # the tolerance does not admit 4 bits
+        ("forward", True, ("fp32", "int8")),  # one forward pass: weights are not the cost
+    ],
+)
+@needs_nncf
+def test_4_bit_weights_are_offered_for_generation_under_a_tolerance_that_admits_them(
+    backend: OpenVinoBackend, cases: dict[str, Case], workload: str, int4: bool, choices: tuple
+) -> None:
+    spec = dataclasses.replace(cases["gpt2"].spec, workload=workload)
+    for _ in range(4):
+        trial = optuna.create_study().ask()
+        params = backend.suggest(trial, spec, probe(), int4=int4)
+        assert trial.distributions["openvino.weights"].choices == choices
+        assert ("group_size" in params) == (params["weights"] == "int4")
+
+
+@needs_nncf
+@pytest.mark.parametrize("calibration", ["none", "awq+scale"])
+def test_4_bit_weights_are_compressed_once_per_setting_and_generate(
+    backend: OpenVinoBackend, cases: dict[str, Case], calibration: str
+) -> None:
+    """Group-wise 4-bit weights, data-free or fitted to the example inputs (AWQ and scale
+    estimation): in the IR as u4, close to torch, and generating on the stateful export."""
+    case = cases["gpt2"]
+    params = {**backend.defaults(probe()), **DEFAULT_INT4, "group_size": 32}
+    params["calibration"] = calibration
+    built = backend.build(case.spec, params, case.ctx)
+    assert built.path.name == f"int4-g32-r1-asym-int8_asym-{calibration.replace('+', '-')}"
+    assert 'element_type="u4"' in (built.path / "openvino_model.xml").read_text()
+    marker = json.loads((built.path / common.COMPLETE_MARKER).read_text())
+    assert marker["weights"]["calibration"] == calibration
+    runner = backend.bind(built, params)
+    assert cosine(named_tensors(runner(**case.inputs)), case, "logits") > 0.95
+    prompt = case.inputs["input_ids"][:1]
+    tokens = runner.fn.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert tokens.shape == (1, prompt.shape[1] + 3)
+    again = backend.build(case.spec, {**params, "threads": 1}, case.ctx)
+    assert (
+        again.path == built.path
+        and json.loads((again.path / common.COMPLETE_MARKER).read_text()) == marker
+    )  # made once: the second build found it complete
 
 
 def test_artifacts_live_under_the_context_dir(cases: dict[str, Case]) -> None:

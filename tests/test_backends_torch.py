@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import optuna
 import pytest
 import torch
@@ -10,7 +13,7 @@ from conftest import MASKING_UTILS, VOCAB, tiny_inputs, tiny_model
 
 from autocpu.accuracy import Tolerance, compare_outputs
 from autocpu.backends import BuildContext, all_backends, get_backend
-from autocpu.backends.eager import conv1d_to_linear, precisions_for
+from autocpu.backends.eager import conv1d_to_linear, precisions_for, torchao_installed
 from autocpu.errors import AutocpuError
 from autocpu.hardware import probe
 from autocpu.inputs import at_sequence_length
@@ -179,3 +182,42 @@ def test_torch_compile_matches(kind, head, tmp_path):
     )
     report = compare_outputs(reference(model, inputs), runner(**inputs), Tolerance.strict())
     assert report.passed, report.failures
+
+
+needs_torchao = pytest.mark.skipif(not torchao_installed(), reason="torchao not installed")
+
+
+@needs_torchao
+@pytest.mark.parametrize(
+    ("precision", "group_size", "close"), [("int8_weights", 128, 0.999), ("int4_weights", 32, 0.95)]
+)
+def test_eager_torchao_weights_are_quantized_and_generate(precision, group_size, close, tmp_path):
+    """torchao weight-only int8/int4: the Linear weights become torchao tensors (the user's
+    model keeps its fp32 ones), the logits stay close, and generate() runs on them."""
+    model, inputs = tiny_model("llama", "AutoModelForCausalLM"), tiny_inputs("llama")
+    params = {"attention": "sdpa", "precision": precision, "group_size": group_size}
+    runner = build("eager", model, inputs, params, tmp_path)
+    built = runner.fn
+    assert type(built.model.layers[0].mlp.up_proj.weight) not in (torch.Tensor, torch.nn.Parameter)
+    assert type(model.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    ref, out = reference(model, inputs).logits, runner(**inputs).logits
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0)
+    assert close < cos < 1.0
+    prompt = inputs["input_ids"][:1]
+    tokens = built.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert tokens.shape == (1, prompt.shape[1] + 3)
+
+
+@needs_torchao
+def test_eager_offers_torchao_weights_for_generation_only():
+    spec, hw = make_spec(tiny_model("llama", "AutoModelForCausalLM")), probe()
+    backend = get_backend("eager")
+    generate = dataclasses.replace(spec, workload="generate")
+    assert "int8_weights" not in precisions_for(hw, spec, int4=True)
+    assert "int4_weights" not in precisions_for(hw, generate, int4=False)
+    assert {"int8_weights", "int4_weights"} <= set(precisions_for(hw, generate, int4=True))
+    assert backend.int4_defaults(spec, hw) == []
+    assert [p["group_size"] for p in backend.int4_defaults(generate, hw)] == [32]
+    with pytest.raises(AutocpuError, match="unknown group_size=48"):
+        params = {"attention": "sdpa", "precision": "int4_weights", "group_size": 48}
+        backend.build(generate, params, BuildContext(hw, [tiny_inputs("llama")], Path(".")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import transformers
 from conftest import run_cli, tiny_model, write_tokenizer
 
 import autocpu
-from autocpu.accuracy import Tolerance
+from autocpu.accuracy import INT4_PERPLEXITY, INT8_PERPLEXITY, Tolerance, perplexity_ratio
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
 from autocpu.workloads import Generation
@@ -88,6 +89,29 @@ class ShiftedLogits(Diverging):
         return self.model.generate(**kwargs)
 
 
+class Surprised(Diverging):
+    """Greedy tokens and top-1 identical to fp32's, but where the next token (the input's one
+    position on) is the top-1, every other logit raised by ``raise_by`` up to just below it:
+    the same ranking, a less likely continuation."""
+
+    def __init__(self, model: torch.nn.Module, raise_by: float) -> None:
+        super().__init__(model, keep=NEW_TOKENS)
+        self.raise_by = raise_by
+
+    def __call__(self, **inputs: Any) -> Any:
+        output = self.model(**inputs)
+        logits = output.logits.clone()
+        body, following = logits[:, :-1], inputs["input_ids"][:, 1:].unsqueeze(-1)
+        target = body.gather(-1, following)
+        raised = torch.minimum(body + self.raise_by, target - 1e-3).scatter(-1, following, target)
+        is_top = body.argmax(-1) == following.squeeze(-1)
+        body[is_top] = raised[is_top]
+        return type(output)(logits=logits)
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(**kwargs)
+
+
 def gate(llama: torch.nn.Module, candidate: Any, tolerance: Tolerance):
     workload = Generation([prompts(rows=2)], NEW_TOKENS)
     references = workload.references(llama)
@@ -142,6 +166,60 @@ def test_left_padded_prompts_compare_exactly_on_an_exported_engine(llama, tmp_pa
     built = backend.build(spec, params, BuildContext(probe(), [batch], tmp_path, NEW_TOKENS))
     report = workload.compare(references, workload.run(backend.bind(built, params)), Tolerance())
     assert report.passed, report.failures
+
+
+def test_the_perplexity_ratio_is_one_for_fp32_and_rises_with_the_candidates_surprise():
+    sequences = torch.tensor([[5, 1, 2, 3]])
+    logits = torch.zeros(1, 4, 6)
+    assert perplexity_ratio(logits, logits, sequences, prompt_length=2) == 1.0
+    surprised = logits.clone()
+    surprised[0, 1, 2] = -1.0  # token 2 (after the prompt) is less likely; token 3 as before
+    expected = math.exp((torch.logsumexp(surprised[0, 1], -1) + 1.0 - math.log(6)) / 2)
+    ratio = perplexity_ratio(logits, surprised, sequences, prompt_length=2)
+    assert ratio == pytest.approx(float(expected)) and ratio > 1.0
+
+
+def test_a_candidate_that_finds_the_continuation_surprising_fails_its_perplexity_bound(llama):
+    bounded = Tolerance(max_rel=10.0, min_cosine=-1.0, min_argmax=0.0, max_perplexity_ratio=1.05)
+    report = gate(llama, Surprised(llama, raise_by=2.0), bounded)
+    assert report.same_tokens == 1.0 and report.min_argmax == 1.0
+    assert report.perplexity_ratio > 1.05
+    assert len(report.failures) == 1 and "perplexity of fp32's continuation" in report.failures[0]
+    unbounded = gate(
+        llama,
+        Surprised(llama, raise_by=2.0),
+        dataclasses.replace(bounded, max_perplexity_ratio=None),
+    )
+    assert unbounded.passed and unbounded.perplexity_ratio == report.perplexity_ratio
+    assert gate(llama, llama, Tolerance.int4()).perplexity_ratio == 1.0
+
+
+def test_the_int4_preset_and_what_each_preset_admits():
+    int4 = Tolerance.parse("int4")
+    assert int4.name == "int4" and int4.max_perplexity_ratio == INT4_PERPLEXITY
+    assert [
+        t.admits_int4 for t in (Tolerance.strict(), Tolerance.bf16(), Tolerance.int8(), int4)
+    ] == [False, False, False, True]
+    assert int4.admits_lossy and Tolerance.int8().max_perplexity_ratio == INT8_PERPLEXITY
+    with pytest.raises(AutocpuError, match=r"max_perplexity_ratio=0\.9"):
+        Tolerance(max_perplexity_ratio=0.9)
+
+
+def test_a_forward_tune_keys_the_presets_as_before_the_generation_bounds():
+    """The generation bounds are left out of a forward plan's key, so shipped int8 plans keep
+    answering, and a generation plan's key holds them."""
+    before = {
+        "max_rel": 0.15,
+        "min_cosine": 0.99,
+        "min_argmax": 0.9,
+        "max_abs": None,
+        "name": "int8",
+    }
+    assert Tolerance.int8().for_workload("forward").to_dict() == before
+    assert Tolerance.int8().for_workload("generate").to_dict() == {
+        **before,
+        "max_perplexity_ratio": INT8_PERPLEXITY,
+    }
 
 
 def test_generation_tolerance_fields_leave_preset_keys_unchanged():

@@ -13,6 +13,7 @@ import torch
 
 import autocpu.backends as registry
 import autocpu.measure
+from autocpu.accuracy import Tolerance
 from autocpu.backends.base import Availability, Backend
 from autocpu.finals import conclude
 from autocpu.hardware import probe
@@ -33,8 +34,11 @@ class FakeBackend(Backend):
 
     description = "test only"
 
-    def __init__(self, name: str, simplicity: int, space: dict[str, list], lossy=()) -> None:
-        self.name, self.simplicity, self.space, self.lossy = name, simplicity, space, list(lossy)
+    def __init__(
+        self, name: str, simplicity: int, space: dict[str, list], lossy=(), int4=()
+    ) -> None:
+        self.name, self.simplicity, self.space = name, simplicity, space
+        self.lossy, self.int4 = list(lossy), list(int4)
 
     def availability(self, spec: Any, hw: Any) -> Availability:
         return Availability.yes()
@@ -45,7 +49,10 @@ class FakeBackend(Backend):
     def lossy_defaults(self, spec: Any, hw: Any) -> list[dict[str, Any]]:
         return self.lossy
 
-    def suggest(self, trial: Any, spec: Any, hw: Any, *, lossy: bool = True) -> dict[str, Any]:
+    def int4_defaults(self, spec: Any, hw: Any) -> list[dict[str, Any]]:
+        return self.int4
+
+    def suggest(self, trial: Any, spec: Any, hw: Any, **admitted: bool) -> dict[str, Any]:
         return {p: trial.suggest_categorical(self.key(p), v) for p, v in self.space.items()}
 
     def build(self, spec: Any, params: Any, ctx: Any) -> Any:
@@ -152,11 +159,21 @@ def spec_and_hw() -> tuple[Any, Any]:
     return make_spec(torch.nn.Linear(2, 2)), probe()
 
 
-def search(executor, backends, spec_and_hw, n_trials, *, lossy=False, seeds=(), strategy="tpe"):
+def search(
+    executor, backends, spec_and_hw, n_trials, *, tolerance="strict", seeds=(), strategy="tpe"
+):
     spec, hw = spec_and_hw
     study = optuna.create_study(direction="minimize", sampler=make_sampler(strategy))
+    budget = Budget(n_trials, None)
     runs = Search(
-        executor, study, spec, backends, hw, Budget(n_trials, None), lossy=lossy, seeds=seeds
+        executor,
+        study,
+        spec,
+        backends,
+        hw,
+        budget,
+        tolerance=Tolerance.parse(tolerance),
+        seeds=seeds,
     )
     return runs, runs.run(TrialRecord(BASELINE, {}))
 
@@ -167,7 +184,7 @@ def test_shipped_seeds_then_lossy_recipes_then_defaults_come_first(fake_registry
         FakeBackend("fancy", 2, {"y": ["a", "b"]}, lossy=[{"y": "b"}]),
     )
     executor = FakeExecutor(lambda name, params: 5.0)
-    search(executor, backends, spec_and_hw, 4, lossy=True, seeds=[("simple", {"x": 3})])
+    search(executor, backends, spec_and_hw, 4, tolerance="int8", seeds=[("simple", {"x": 3})])
     assert executor.measured[:5] == [
         (BASELINE, {}),
         ("simple", {"x": 3}),  # a shipped winner
@@ -192,7 +209,9 @@ def test_a_point_queued_earlier_outside_the_space_is_skipped_not_fatal(fake_regi
     spec, hw = spec_and_hw
     study = optuna.create_study(direction="minimize", sampler=make_sampler("tpe"))
     study.enqueue_trial({"backend": "fancy", "fancy.y": "bf16"})
-    runs = Search(executor, study, spec, backends, hw, Budget(2, None), lossy=False)
+    runs = Search(
+        executor, study, spec, backends, hw, Budget(2, None), tolerance=Tolerance.strict()
+    )
     runs.run(TrialRecord(BASELINE, {}))
     assert ("fancy", {"y": "bf16"}) not in executor.measured and runs.measured == 2
     assert optuna.trial.TrialState.PRUNED in {t.state for t in study.trials}
@@ -201,8 +220,24 @@ def test_a_point_queued_earlier_outside_the_space_is_skipped_not_fatal(fake_regi
 def test_a_strict_tolerance_skips_the_lossy_recipes(fake_registry, spec_and_hw):
     backends = fake_registry(FakeBackend("fancy", 2, {"y": ["a", "b"]}, lossy=[{"y": "b"}]))
     executor = FakeExecutor(lambda name, params: 5.0)
-    search(executor, backends, spec_and_hw, 1, lossy=False)
+    search(executor, backends, spec_and_hw, 1)
     assert executor.measured == [(BASELINE, {}), ("fancy", {"y": "a"})]
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "first"),
+    [
+        ("int4", [{"y": "c"}, {"y": "b"}]),  # the 4-bit recipe, then the int8 one
+        ("int8", [{"y": "b"}, {"y": "a"}]),  # the int8 recipe, then the defaults
+    ],
+)
+def test_4_bit_recipes_come_first_only_under_a_tolerance_that_admits_them(
+    fake_registry, spec_and_hw, tolerance, first
+):
+    fancy = FakeBackend("fancy", 2, {"y": ["a", "b", "c"]}, lossy=[{"y": "b"}], int4=[{"y": "c"}])
+    executor = FakeExecutor(lambda name, params: 5.0)
+    search(executor, fake_registry(fancy), spec_and_hw, 3, tolerance=tolerance)
+    assert executor.measured[1:3] == [("fancy", params) for params in first]
 
 
 def test_a_repeated_proposal_is_not_measured_again_and_a_small_space_is_measured_whole(

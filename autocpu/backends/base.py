@@ -160,13 +160,24 @@ class Backend(ABC):
         admits them (TPE may otherwise not draw them within a small budget)."""
         return []
 
+    def int4_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """The usual 4-bit weight recipes, tried first when the tolerance admits them."""
+        return []
+
     @abstractmethod
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         """Sample settings for this model on ``trial`` (names via :meth:`key`), unprefixed.
 
         ``lossy=False``: the tolerance rules out bf16 and int8, so do not offer them.
+        ``int4=True``: it admits 4-bit weights too (``Tolerance.admits_int4``): offer them.
         """
 
     @abstractmethod

@@ -84,7 +84,13 @@ class BetterTransformerBackend(Backend):
         return [{**self.defaults(hw), "precision": "bf16"}] if hw.native_bf16 else []
 
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         precisions = ["fp32", "bf16"] if lossy and hw.native_bf16 else ["fp32"]
         return {

@@ -78,7 +78,13 @@ class IpexBackend(Backend):
         return [{**self.defaults(hw), "dtype": "bf16"}] if hw.native_bf16 else []
 
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         return {
             "dtype": trial.suggest_categorical(self.key("dtype"), dtypes_for(hw, lossy)),

@@ -17,11 +17,12 @@ Nothing heavy is imported at module level: onnxruntime and optimum load inside t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autocpu.backends import _optimum_common as common
-from autocpu.backends.base import BuildContext, Runner
+from autocpu.backends.base import BuildContext, Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
 from autocpu.tasks import GENERATION_TASKS
 
@@ -40,7 +41,16 @@ OPT_LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
-QUANTIZE_CHOICES = ("none", "int8")
+#: none, dynamic int8 (weights and activations), or weight-only int8 / int4 ``MatMulNBits``
+#: (weights stored in blocks with a scale each; generation only, where each new token reads
+#: every weight once).
+QUANTIZE_CHOICES = ("none", "int8", "int8_weights", "int4_weights")
+WEIGHT_ONLY = {"int8_weights": 8, "int4_weights": 4}
+#: Weights per scale of a ``MatMulNBits`` weight.
+BLOCK_SIZES = (32, 64, 128)
+#: ``MatMulNBits``' ``accuracy_level``: what it computes in (1: fp32 activations; 4: the
+#: activations quantized to int8 per block, the fast path on VNNI and AMX CPUs).
+ACCURACY_LEVELS = (1, 4)
 
 #: Above this size an ONNX file must keep its weights in external data (protobuf's 2 GiB cap).
 _EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -120,14 +130,25 @@ class OnnxRuntimeBackend(common.OptimumBackend):
 
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
         """Dynamic int8 on the fused graph: the usual ORT recipe, 3-4x faster than fp32 eager
-        on bert-base (42-55 ms against 155-196 ms)."""
-        if not hw.fast_int8 or spec.is_seq2seq:
+        on bert-base (42-55 ms against 155-196 ms); for generation, int8 ``MatMulNBits``
+        weights as well."""
+        if spec.is_seq2seq:
             return []
         fusion = fusion_model_type(spec.model_type) is not None
-        return [{**self.defaults(hw), "quantize": "int8", "fusion": fusion}]
+        recipes = [{**self.defaults(hw), "quantize": "int8", "fusion": fusion}]
+        recipes = recipes if hw.fast_int8 else []
+        if spec.workload == "generate":
+            recipes.append(self._weight_only_recipe(hw, "int8_weights"))
+        return recipes
 
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         """Define-by-run: int8 only with fast int8 hardware, inter-op threads only in parallel;
         fusions and int8 rewrite one graph, so an encoder-decoder (several) gets neither."""
@@ -135,18 +156,24 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         fusion_choices = (
             [False, True] if one_graph and fusion_model_type(spec.model_type) else [False]
         )
-        quantize_choices = (
-            list(QUANTIZE_CHOICES) if one_graph and hw.fast_int8 and lossy else ["none"]
-        )
         params: dict[str, Any] = {
             "fusion": trial.suggest_categorical(self.key("fusion"), fusion_choices),
-            "quantize": trial.suggest_categorical(self.key("quantize"), quantize_choices),
+            "quantize": trial.suggest_categorical(
+                self.key("quantize"), _quantize_choices(spec, hw, lossy=lossy, int4=int4)
+            ),
         }
         params["per_channel"] = False
         if params["quantize"] == "int8":
             params["per_channel"] = trial.suggest_categorical(
                 self.key("per_channel"), [False, True]
             )
+        if params["quantize"] in WEIGHT_ONLY:
+            params["block_size"] = trial.suggest_categorical(
+                self.key("block_size"), list(BLOCK_SIZES)
+            )
+            params["symmetric"] = trial.suggest_categorical(self.key("symmetric"), [False, True])
+            levels = list(ACCURACY_LEVELS) if hw.fast_int8 else [1]
+            params["accuracy_level"] = trial.suggest_categorical(self.key("accuracy_level"), levels)
         params["threads"] = self.suggest_threads(trial, hw)
         mode = trial.suggest_categorical(self.key("execution_mode"), list(EXECUTION_MODES))
         params["execution_mode"] = mode
@@ -160,6 +187,18 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         if spec.workload == "generate":
             params["io_binding"] = trial.suggest_categorical(self.key("io_binding"), [False, True])
         return params
+
+    def int4_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """onnxruntime's ``MatMulNBitsQuantizer`` defaults (4 bits, blocks of 128, asymmetric)
+        at int8 compute where the CPU has fast int8, on the KV-cache export."""
+        if "int4_weights" not in _quantize_choices(spec, hw, lossy=True, int4=True):
+            return []
+        return [self._weight_only_recipe(hw, "int4_weights")]
+
+    def _weight_only_recipe(self, hw: CpuInfo, quantize: str) -> dict[str, Any]:
+        level = 4 if hw.fast_int8 else 1
+        recipe = {"block_size": 128, "symmetric": False, "accuracy_level": level}
+        return {**self.defaults(hw), "quantize": quantize, **recipe, "io_binding": True}
 
     # Build: export once, derive variants ------------------------------------------------------
 
@@ -204,6 +243,17 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         return Runner(model, threads=None, fixed_outputs=True)
 
 
+def _quantize_choices(spec: ModelSpec, hw: CpuInfo, *, lossy: bool, int4: bool) -> list[str]:
+    """What ``quantize`` may be: dynamic int8 needs fast int8 and one graph; weight-only int8
+    needs a decoder-only model's generation, int4 a tolerance that admits it too."""
+    if not lossy or spec.is_seq2seq:
+        return ["none"]
+    choices = ["none", "int8"] if hw.fast_int8 else ["none"]
+    if spec.workload == "generate":
+        choices += ["int8_weights", "int4_weights"] if int4 else ["int8_weights"]
+    return choices
+
+
 def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, folder: Path) -> Path:
     """The fused and/or int8 variant the build params ask for, derived from the fp32 export in
     ``folder`` (each step made once, then kept)."""
@@ -223,7 +273,16 @@ def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, fol
         )
     quantize = params.get("quantize", "none")
     if quantize not in QUANTIZE_CHOICES:
-        raise AutocpuError(f"unknown quantize={quantize!r}", "use 'none' or 'int8'")
+        raise AutocpuError(f"unknown quantize={quantize!r}", f"use one of {QUANTIZE_CHOICES}")
+    if quantize in WEIGHT_ONLY:
+        weights = WeightOnly.of(quantize, params)
+        source, folder = folder, root / weights.folder_name(folder.name)
+        common.ensure_variant(
+            folder,
+            lambda tmp: weights.apply(source, tmp),
+            backend=OnnxRuntimeBackend.name,
+            weights=asdict(weights),
+        )
     if quantize == "int8":
         per_channel = bool(params.get("per_channel", False))
         source = folder
@@ -312,3 +371,59 @@ def _quantize(source: Path, target: Path, per_channel: bool) -> None:
         extra_options={"DefaultTensorType": TensorProto.FLOAT},
     )
     common.copy_side_files(source, target)
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Weight-only ``MatMulNBits`` quantization of every MatMul with a constant weight (the
+    embeddings' Gather stays float), made once per setting from its source variant."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+
+    @classmethod
+    def of(cls, quantize: str, params: Mapping[str, Any]) -> WeightOnly:
+        found = cls(
+            WEIGHT_ONLY[quantize],
+            int(params.get("block_size", 128)),
+            bool(params.get("symmetric", False)),
+            int(params.get("accuracy_level", 4)),
+        )
+        if found.block_size not in BLOCK_SIZES or found.accuracy_level not in ACCURACY_LEVELS:
+            raise AutocpuError(
+                f"unknown block_size={found.block_size} or accuracy_level={found.accuracy_level}",
+                f"use block_size in {BLOCK_SIZES} and accuracy_level in {ACCURACY_LEVELS}",
+            )
+        return found
+
+    def folder_name(self, source_name: str) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        name = f"int{self.bits}w-b{self.block_size}-{kind}-l{self.accuracy_level}"
+        return name if source_name == "fp32" else f"{source_name}-{name}"
+
+    def apply(self, source: Path, target: Path) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        model = onnx.load(str(source / _MODEL_FILE))
+        with quiet_build_logs():
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=self.bits,
+                block_size=self.block_size,
+                is_symmetric=self.symmetric,
+                accuracy_level=self.accuracy_level,
+            )
+            quantizer.process()
+        if not any(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node):
+            raise AutocpuError(
+                "no MatMul with constant weights to store in blocks (an export of Gemm nodes, "
+                "as GPT-2's, has none)",
+                "search without quantize='int8_weights'/'int4_weights' for this model",
+            )
+        quantizer.model.save_model_to_file(
+            str(target / _MODEL_FILE), use_external_data_format=_needs_external_data(source)
+        )
+        common.copy_side_files(source, target)

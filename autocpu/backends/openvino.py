@@ -1,4 +1,5 @@
-"""OpenVINO through optimum-intel: export to IR once, optional int8 weights, tuned compile config.
+"""OpenVINO through optimum-intel: export to IR once, optional int8 / int4 weights (nncf), tuned
+compile config.
 
 Two facts shape this backend:
 
@@ -7,7 +8,10 @@ Two facts shape this backend:
   the precision back from the compiled model and refuses a mismatch.
 * The exporter silently int8-compresses models with >= 1B parameters when nncf is installed.
   The export passes an explicit fp32 ``OVConfig`` (no quantization config), so the fp32 variant
-  is really fp32; int8 weights are a separate, explicit build parameter.
+  is really fp32; int8 and int4 weights are separate, explicit build parameters, each variant
+  compressed once from the fp32 IR and kept. 4-bit weights are offered for a decoder-only
+  model's generation only, where every new token reads every weight, and only under a
+  tolerance that admits them (``Tolerance.admits_int4``).
 
 Text generation is exported with its KV cache as a stateful model (optimum-intel's default), so
 ``generate()`` works on the runner's model; a plain forward gives the same logits as torch.
@@ -24,6 +28,7 @@ import importlib.util
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,7 +43,17 @@ if TYPE_CHECKING:
     from autocpu.models import ModelSpec
 
 HINTS = ("LATENCY", "THROUGHPUT")
-WEIGHTS = ("fp32", "int8")
+WEIGHTS = ("fp32", "int8", "int4")
+#: 4-bit weights: values per scale (nncf adjusts it down, to a power of two >= 32, for layers
+#: whose width it does not divide, such as SmolLM2's 576), the share of layers in 4 bits (the
+#: rest, picked by sensitivity, and always the embeddings and the head take the backup
+#: precision), and what the layers kept out of 4 bits are stored in.
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_RATIOS = (0.8, 1.0)
+INT4_BACKUPS = ("int8_asym", "none")
+#: Data-aware 4-bit compression on the example prompts: AWQ rescales channels by their
+#: activations, scale estimation fits each group's scale to the layer's outputs.
+INT4_CALIBRATIONS = ("none", "awq", "scale", "awq+scale")
 #: Precisions of the KV cache a generation candidate may keep (f32: fp32-faithful).
 KV_CACHE_PRECISIONS = ("f32", "f16", "u8")
 #: Activation quantization group sizes with int8 weights (0: off).
@@ -102,15 +117,36 @@ class OpenVinoBackend(common.OptimumBackend):
             recipes.append({**base, **int8, **({"dq_group": 32} if generation else {})})
         return recipes
 
+    def int4_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
+        """4-bit weights as optimum-intel's ``OVWeightQuantizationConfig(bits=4)`` makes them
+        (asymmetric, groups of 128, every layer but the embeddings and the head), groups
+        adjusted to layers 128 does not divide, then the same fitted to the example prompts
+        (AWQ and scale estimation); activations quantized per group of 32 (OpenVINO's own
+        default) and a u8 KV cache, the bytes a 4-bit tolerance can spare."""
+        if not _compresses_to_int4(spec):
+            return []
+        precision = "bf16" if hw.native_bf16 else "f32"
+        base = {**self.defaults(hw), **DEFAULT_INT4, "precision": precision, "kv_cache": "u8"}
+        return [{**base, "dq_group": 32}, {**base, "dq_group": 32, "calibration": "awq+scale"}]
+
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
-        """Define-by-run: bf16 only with native bf16, int8 only with nncf, streams by hint.
+        """Define-by-run: bf16 only with native bf16, int8 only with nncf, int4 only for
+        generation under a tolerance that admits it, streams by hint.
 
         One call runs one request, which uses one stream: more streams only split the threads,
         so streams are searched under the THROUGHPUT hint only (LATENCY means one stream).
         """
-        weights = list(WEIGHTS) if nncf_installed() and lossy else ["fp32"]
+        weights = ["fp32"]
+        if nncf_installed() and lossy:
+            weights = list(WEIGHTS) if int4 and _compresses_to_int4(spec) else ["fp32", "int8"]
         precisions = ["f32", "bf16"] if hw.native_bf16 and lossy else ["f32"]
         params: dict[str, Any] = {
             "weights": trial.suggest_categorical(self.key("weights"), weights),
@@ -124,9 +160,22 @@ class OpenVinoBackend(common.OptimumBackend):
             else 1
         )
         params["pinning"] = trial.suggest_categorical(self.key("pinning"), [True, False])
+        if params["weights"] == "int4":
+            params.update(self._suggest_int4(trial))
         if spec.workload == "generate":
             params.update(self._suggest_generation(trial, params["weights"], lossy=lossy))
         return params
+
+    def _suggest_int4(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {
+            "group_size": trial.suggest_categorical(self.key("group_size"), list(INT4_GROUP_SIZES)),
+            "ratio": trial.suggest_categorical(self.key("ratio"), list(INT4_RATIOS)),
+            "symmetric": trial.suggest_categorical(self.key("symmetric"), [False, True]),
+            "backup": trial.suggest_categorical(self.key("backup"), list(INT4_BACKUPS)),
+            "calibration": trial.suggest_categorical(
+                self.key("calibration"), list(INT4_CALIBRATIONS)
+            ),
+        }
 
     def _suggest_generation(self, trial: optuna.Trial, weights: str, *, lossy: bool) -> dict:
         """The KV cache's precision (f32 only when lossy candidates are ruled out), and the
@@ -135,7 +184,7 @@ class OpenVinoBackend(common.OptimumBackend):
         found: dict[str, Any] = {
             "kv_cache": trial.suggest_categorical(self.key("kv_cache"), kv_choices)
         }
-        if weights == "int8":
+        if weights in ("int8", "int4"):
             found["dq_group"] = trial.suggest_categorical(
                 self.key("dq_group"), list(DYNAMIC_QUANTIZATION_GROUPS)
             )
@@ -155,12 +204,18 @@ class OpenVinoBackend(common.OptimumBackend):
         )
         weights = params.get("weights", "fp32")
         if weights not in WEIGHTS:
-            raise AutocpuError(f"unknown weights={weights!r}", "use 'fp32' or 'int8'")
-        if weights == "int8":
+            raise AutocpuError(f"unknown weights={weights!r}", "use 'fp32', 'int8' or 'int4'")
+        if weights != "fp32":
             if not nncf_installed():
-                raise AutocpuError("int8 weights need nncf", "pip install 'autocpu[nncf]'")
-            source, folder = folder, root / "int8"
-            common.ensure_variant(folder, lambda tmp: _compress(source, tmp), backend=self.name)
+                raise AutocpuError(f"{weights} weights need nncf", "pip install 'autocpu[nncf]'")
+            compression = WeightCompression.of(params)
+            source, folder = folder, root / compression.folder_name
+            common.ensure_variant(
+                folder,
+                lambda tmp: compression.apply(source, tmp, self.task_class(spec.task), ctx),
+                backend=self.name,
+                weights=compression.to_dict(),
+            )
         return common.ExportedVariant(
             folder,
             spec.task,
@@ -269,17 +324,120 @@ def export_here(source: str, model_task: str, task: str, target: str) -> None:
         )
 
 
-def _compress(source: Path, target: Path) -> None:
-    """nncf int8 (asymmetric) weight compression of every IR in the fp32 export."""
-    import nncf
-    import openvino as ov
+#: The 4-bit recipe tried first: optimum-intel's ``OVWeightQuantizationConfig(bits=4)``.
+DEFAULT_INT4 = {
+    "weights": "int4",
+    "group_size": 128,
+    "ratio": 1.0,
+    "symmetric": False,
+    "backup": "int8_asym",
+    "calibration": "none",
+}
 
-    core = ov.Core()
-    for xml in sorted(source.glob("*.xml")):
-        model = core.read_model(xml)
-        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        ov.save_model(compressed, target / xml.name, compress_to_fp16=False)
-    common.copy_side_files(source, target)
+
+def _compresses_to_int4(spec: ModelSpec) -> bool:
+    """4-bit weights pay where weights are read once per token: a decoder-only model's
+    ``generate()`` (one IR, calibrated through its stateful request)."""
+    return spec.workload == "generate" and not spec.is_seq2seq
+
+
+@dataclass(frozen=True)
+class WeightCompression:
+    """One nncf weight compression of an fp32 IR: int8 per channel, or int4 group-wise."""
+
+    bits: int
+    group_size: int = 128
+    ratio: float = 1.0
+    symmetric: bool = False
+    backup: str = "int8_asym"
+    calibration: str = "none"
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> WeightCompression:
+        """The compression the build params ask for (int4 settings default as optimum's)."""
+        if params.get("weights") == "int8":
+            return cls(bits=8)
+        found = {k: params.get(k, v) for k, v in DEFAULT_INT4.items() if k != "weights"}
+        problems = [
+            f"{name}={found[name]!r}"
+            for name, choices in (
+                ("group_size", INT4_GROUP_SIZES),
+                ("ratio", INT4_RATIOS),
+                ("backup", INT4_BACKUPS),
+                ("calibration", INT4_CALIBRATIONS),
+            )
+            if found[name] not in choices
+        ]
+        if problems:
+            raise AutocpuError(
+                f"unknown int4 setting {', '.join(problems)}",
+                f"use group_size in {INT4_GROUP_SIZES}, ratio in {INT4_RATIOS}, backup in "
+                f"{INT4_BACKUPS}, calibration in {INT4_CALIBRATIONS}",
+            )
+        return cls(bits=4, **found)
+
+    @property
+    def folder_name(self) -> str:
+        if self.bits == 8:
+            return "int8"
+        kind = "sym" if self.symmetric else "asym"
+        return (
+            f"int4-g{self.group_size}-r{self.ratio:g}-{kind}-{self.backup}-"
+            f"{self.calibration.replace('+', '-')}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def apply(self, source: Path, target: Path, task_class: Any, ctx: BuildContext) -> None:
+        """Compress every IR of ``source`` into ``target`` (a data-aware int4 one with the
+        example prompts as its calibration set, fed as the stateful model takes a prompt)."""
+        import nncf
+        import openvino as ov
+
+        core = ov.Core()
+        dataset = self._calibration_set(source, task_class, ctx)
+        for xml in sorted(source.glob("*.xml")):
+            model = core.read_model(xml)
+            with quiet_build_logs():
+                compressed = nncf.compress_weights(model, **self._options(nncf, dataset))
+            ov.save_model(compressed, target / xml.name, compress_to_fp16=False)
+        common.copy_side_files(source, target)
+
+    def _options(self, nncf: Any, dataset: Any) -> dict[str, Any]:
+        if self.bits == 8:
+            return {"mode": nncf.CompressWeightsMode.INT8_ASYM}
+        from nncf.quantization.advanced_parameters import (
+            AdvancedCompressionParameters,
+            GroupSizeFallbackMode,
+        )
+
+        modes = nncf.CompressWeightsMode
+        return {
+            "mode": modes.INT4_SYM if self.symmetric else modes.INT4_ASYM,
+            "group_size": self.group_size,
+            "ratio": self.ratio,
+            "backup_mode": nncf.BackupMode(self.backup),
+            "dataset": dataset,
+            "awq": "awq" in self.calibration,
+            "scale_estimation": "scale" in self.calibration,
+            "advanced_parameters": AdvancedCompressionParameters(
+                group_size_fallback_mode=GroupSizeFallbackMode.ADJUST
+            ),
+        }
+
+    def _calibration_set(self, source: Path, task_class: Any, ctx: BuildContext) -> Any:
+        """The example prompts as the stateful IR's inputs (None: data-free)."""
+        if self.bits == 8 or self.calibration == "none":
+            return None
+        import nncf
+
+        model = task_class.from_pretrained(str(source), export=False, compile=False, device="CPU")
+        prompts = [
+            {k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+            for b in ctx.example_inputs
+        ]
+        return nncf.Dataset([model.prepare_inputs(**prompt) for prompt in prompts])
 
 
 if __name__ == "__main__":  # the export child: SOURCE MODEL_TASK EXPORT_TASK TARGET

@@ -51,7 +51,13 @@ class TorchCompileBackend(Backend):
         return {"freezing": False, "max_autotune": False, "threads": hw.usable_cpus}
 
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         return {
             "freezing": trial.suggest_categorical(self.key("freezing"), [False, True]),

@@ -149,7 +149,13 @@ class TorchScriptBackend(Backend):
         return {"freeze": True, "optimize": False, "threads": hw.usable_cpus}
 
     def suggest(
-        self, trial: optuna.Trial, spec: ModelSpec, hw: CpuInfo, *, lossy: bool = True
+        self,
+        trial: optuna.Trial,
+        spec: ModelSpec,
+        hw: CpuInfo,
+        *,
+        lossy: bool = True,
+        int4: bool = False,
     ) -> dict[str, Any]:
         freeze = trial.suggest_categorical(self.key("freeze"), [True, False])
         optimize = freeze and trial.suggest_categorical(self.key("optimize"), [True, False])
