@@ -363,10 +363,24 @@ def _print_warnings() -> None:
     warnings.showwarning = one_line
 
 
+#: Loggers that warn when transformers imports torchao (it does on every model load once torchao
+#: is installed) about things a CPU process never uses: torchao's CUDA kernels, and torch's
+#: pytree about the enums torchao registers. Left on, they would precede every one-line error.
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_import_chatter() -> None:
+    import logging
+
+    for name in IMPORT_CHATTER:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _print_warnings()
+    _quiet_import_chatter()
     try:
         return int(args.func(args) or 0)
     except AutocpuError as error:
