@@ -537,6 +537,7 @@ class ServedGeneration:
     def figures(self, references: list[Any]) -> dict[str, Any]:
         """Accuracy against ``references`` (fp32 eager's greedy sequences), TTFT and TPOT."""
         runner, workload = self.column.runner, self.workload
+        workload.use_references(references)  # logits teacher-forced along fp32's sequences
         accuracy = workload.compare(references, workload.run(runner), Tolerance.parse("strict"))
         stats = workload.generation_stats(runner)
         return {

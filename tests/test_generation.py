@@ -15,6 +15,7 @@ from conftest import run_cli, tiny_model, write_tokenizer
 
 import autocpu
 from autocpu.accuracy import INT4_PERPLEXITY, INT8_PERPLEXITY, Tolerance, perplexity_ratio
+from autocpu.canary import check_canary, save_canary
 from autocpu.errors import AutocpuError
 from autocpu.plans import PlanCache
 from autocpu.workloads import Generation
@@ -192,6 +193,19 @@ def test_a_candidate_that_finds_the_continuation_surprising_fails_its_perplexity
     )
     assert unbounded.passed and unbounded.perplexity_ratio == report.perplexity_ratio
     assert gate(llama, llama, Tolerance.int4()).perplexity_ratio == 1.0
+
+
+def test_a_canary_leaves_perplexity_to_the_tune_and_checks_the_logits(llama, tmp_path):
+    """A canary's probe is a few tokens, too short a text for a perplexity: a plan that passed
+    its tune is not called stale on it, while its logits' bounds still hold it."""
+    path = tmp_path / "plan.canary.pt"
+    save_canary(path, Generation([prompts(rows=2)], NEW_TOKENS), llama)
+    bounded = Tolerance(max_rel=10.0, min_cosine=-1.0, min_argmax=0.0, max_perplexity_ratio=1.05)
+    report = check_canary(path, Surprised(llama, raise_by=2.0), bounded)
+    assert report.passed, report.failures
+    assert report.perplexity_ratio > 1.05
+    strict = check_canary(path, Surprised(llama, raise_by=2.0), Tolerance.strict())
+    assert not strict.passed and check_canary(path, llama, Tolerance.strict()).passed
 
 
 def test_the_int4_preset_and_what_each_preset_admits():
