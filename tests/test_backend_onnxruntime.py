@@ -34,7 +34,7 @@ from transformers import (
     GPT2ForSequenceClassification,
 )
 
-from autocpu.backends import _optimum_common as common
+from autocpu.backends._artifacts import COMPLETE_MARKER, is_complete
 from autocpu.backends.base import BuildContext
 from autocpu.backends.onnxruntime import OnnxRuntimeBackend, fusion_model_type, session_options
 from autocpu.errors import AutocpuError
@@ -218,12 +218,12 @@ def test_deleted_or_partial_variant_is_rebuilt(backend: OnnxRuntimeBackend, case
     with pytest.raises(AutocpuError, match="build the candidate again"):
         backend.bind(built, params)  # a stale cached build says what to do
     rebuilt = backend.build(case.spec, params, case.ctx)
-    assert common.is_complete(rebuilt.path)
+    assert is_complete(rebuilt.path)
     # A folder without the completeness marker (an interrupted build) is not trusted.
-    (rebuilt.path / common.COMPLETE_MARKER).unlink()
+    (rebuilt.path / COMPLETE_MARKER).unlink()
     (rebuilt.path / "model.onnx").write_bytes(b"truncated")
     again = backend.build(case.spec, params, case.ctx)
-    assert common.is_complete(again.path)
+    assert is_complete(again.path)
     assert (again.path / "model.onnx").stat().st_size > len(b"truncated")  # exported again
     outputs = named_tensors(backend.bind(again, params)(**case.inputs))
     assert max_diff(outputs, case, "logits") <= 1e-4

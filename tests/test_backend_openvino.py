@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from autocpu.backends import _optimum_common as common
+from autocpu.backends._artifacts import COMPLETE_MARKER, is_complete
 from autocpu.backends.openvino import (
     DEFAULT_INT4,
     OpenVinoBackend,
@@ -140,7 +141,7 @@ def test_deleted_variant_is_rebuilt(backend: OpenVinoBackend, cases: dict[str, C
     built = backend.build(case.spec, params, case.ctx)
     shutil.rmtree(built.path)
     rebuilt = backend.build(case.spec, params, case.ctx)
-    assert common.is_complete(rebuilt.path)
+    assert is_complete(rebuilt.path)
     assert (rebuilt.path / "openvino_model.xml").is_file()
     outputs = named_tensors(backend.bind(rebuilt, params)(**case.inputs))
     for key in case.reference:
@@ -210,7 +211,7 @@ def test_4_bit_weights_are_compressed_once_per_setting_and_generate(
     built = backend.build(case.spec, params, case.ctx)
     assert built.path.name == f"int4-g32-r1-asym-int8_asym-{calibration.replace('+', '-')}"
     assert 'element_type="u4"' in (built.path / "openvino_model.xml").read_text()
-    marker = json.loads((built.path / common.COMPLETE_MARKER).read_text())
+    marker = json.loads((built.path / COMPLETE_MARKER).read_text())
     assert marker["weights"]["calibration"] == calibration
     runner = backend.bind(built, params)
     assert cosine(named_tensors(runner(**case.inputs)), case, "logits") > 0.95
@@ -220,7 +221,7 @@ def test_4_bit_weights_are_compressed_once_per_setting_and_generate(
     again = backend.build(case.spec, {**params, "threads": 1}, case.ctx)
     assert (
         again.path == built.path
-        and json.loads((again.path / common.COMPLETE_MARKER).read_text()) == marker
+        and json.loads((again.path / COMPLETE_MARKER).read_text()) == marker
     )  # made once: the second build found it complete
 
 

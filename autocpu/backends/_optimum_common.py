@@ -9,20 +9,16 @@ is imported with the backends, which must load fast and work without optimum ins
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autocpu import tasks
+from autocpu.backends._artifacts import check_complete, versions_hash
 from autocpu.backends.base import Availability, Backend
 from autocpu.errors import AutocpuError
-from autocpu.hashing import stable_hash
-from autocpu.plans import package_versions
 
 if TYPE_CHECKING:
     from autocpu.backends.base import BuildContext
@@ -37,9 +33,6 @@ _EXPORTER_MODULES = {
     "onnx": "optimum.exporters.onnx.model_configs",
     "openvino": "optimum.exporters.openvino.model_configs",
 }
-
-#: Present in a variant folder only once everything in it has been written.
-COMPLETE_MARKER = ".autocpu-complete"
 
 #: Files of an export that are not the model itself, copied into derived variants.
 SIDE_FILES = ("config.json", "generation_config.json")
@@ -131,11 +124,6 @@ def model_class(module: str, prefix: str, task: str) -> type | None:
     if suffix is None:
         return None
     return getattr(importlib.import_module(module), f"{prefix}{suffix}", None)
-
-
-def versions_hash(dists: Iterable[str]) -> str:
-    """Short hash of installed versions: exports from other versions are never reused."""
-    return stable_hash(package_versions(sorted(set(dists))), 10)
 
 
 def supported_tasks(exporter: str, model_type: str) -> set[str] | str:
@@ -290,48 +278,9 @@ def model_root(
     )
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
-
-
 def check_built(built: ExportedVariant) -> None:
     """Fail clearly when a cached build's folder was deleted since (build() remakes it)."""
-    if not is_complete(built.path):
-        raise AutocpuError(
-            f"the built files in {built.path} are gone or incomplete",
-            "build the candidate again (deleting artifacts is safe: build() remakes them)",
-        )
-
-
-def ensure_variant(target: Path, make: Callable[[Path], None], **info: Any) -> None:
-    """Make ``target`` with ``make(tmp)`` unless a complete copy exists.
-
-    ``make`` writes into a temporary sibling that is renamed into place after the marker is
-    written, so a crash never leaves a folder that looks complete, and a deleted folder is
-    simply made again. A file lock keeps two processes from making the same variant at once.
-    The marker holds ``info`` and how many seconds ``make`` took, for whoever inspects the
-    cache.
-    """
-    from filelock import FileLock
-
-    if is_complete(target):
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.with_name(f".{target.name}.lock"))):
-        if is_complete(target):
-            return
-        if target.exists():
-            shutil.rmtree(target)  # left over from an interrupted build
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            started = time.perf_counter()
-            make(tmp)
-            info = {**info, "seconds": round(time.perf_counter() - started, 3)}
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(info, sort_keys=True, default=str))
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    check_complete(built.path)
 
 
 def copy_side_files(source: Path, target: Path) -> None:

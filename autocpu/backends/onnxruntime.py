@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from autocpu.backends import _artifacts as artifacts
 from autocpu.backends import _optimum_common as common
 from autocpu.backends.base import BuildContext, Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
@@ -209,7 +210,7 @@ class OnnxRuntimeBackend(common.OptimumBackend):
         task = common.export_task("onnx", spec.model_type, spec.task)
         root = common.model_root(ctx, "onnx", spec, self.artifact_dists, task)
         folder = root / "fp32"
-        common.ensure_variant(
+        artifacts.ensure_variant(
             folder, lambda tmp: _export(spec, ctx, task, tmp), backend=self.name, task=task
         )
         folder = _derived_variant(spec, params, root, folder)
@@ -265,7 +266,7 @@ def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, fol
                 "search with fusion=False for this model",
             )
         source, folder = folder, root / "fused"
-        common.ensure_variant(
+        artifacts.ensure_variant(
             folder,
             lambda tmp: _fuse(spec, ort_type, source, tmp),
             backend=OnnxRuntimeBackend.name,
@@ -277,7 +278,7 @@ def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, fol
     if quantize in WEIGHT_ONLY:
         weights = WeightOnly.of(quantize, params)
         source, folder = folder, root / weights.folder_name(folder.name)
-        common.ensure_variant(
+        artifacts.ensure_variant(
             folder,
             lambda tmp: weights.apply(source, tmp),
             backend=OnnxRuntimeBackend.name,
@@ -287,7 +288,7 @@ def _derived_variant(spec: ModelSpec, params: Mapping[str, Any], root: Path, fol
         per_channel = bool(params.get("per_channel", False))
         source = folder
         folder = root / _int8_name(source.name, per_channel)
-        common.ensure_variant(
+        artifacts.ensure_variant(
             folder,
             lambda tmp: _quantize(source, tmp, per_channel),
             backend=OnnxRuntimeBackend.name,

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from autocpu.backends import _artifacts as artifacts
 from autocpu.backends import _optimum_common as common
 from autocpu.backends.base import BuildContext, Runner, quiet_build_logs
 from autocpu.errors import AutocpuError
@@ -199,7 +200,7 @@ class OpenVinoBackend(common.OptimumBackend):
         task = common.export_task("openvino", spec.model_type, spec.task)
         root = common.model_root(ctx, "openvino", spec, self.artifact_dists, task)
         folder = root / "fp32"
-        common.ensure_variant(
+        artifacts.ensure_variant(
             folder, lambda tmp: _export(spec, ctx, task, tmp), backend=self.name, task=task
         )
         weights = params.get("weights", "fp32")
@@ -210,7 +211,7 @@ class OpenVinoBackend(common.OptimumBackend):
                 raise AutocpuError(f"{weights} weights need nncf", "pip install 'autocpu[nncf]'")
             compression = WeightCompression.of(params)
             source, folder = folder, root / compression.folder_name
-            common.ensure_variant(
+            artifacts.ensure_variant(
                 folder,
                 lambda tmp: compression.apply(source, tmp, self.task_class(spec.task), ctx),
                 backend=self.name,
