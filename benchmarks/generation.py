@@ -62,8 +62,24 @@ TOLERANCES = ("strict", "bf16", "int8", "int4")
 DEFAULT_MODELS = ("smollm2", "qwen2.5-0.5b-shape")
 #: Bytes per weight (and per KV cache value) at each precision a column runs in.
 #: int4: group-wise 4-bit weights with a 16-bit scale (and zero point) per group of 64-128,
-#: about 4.5 bits per weight, as GGUF's Q4 formats.
-BYTES = {"fp32": 4, "f16": 2, "bf16": 2, "int8": 1, "int4": 4.5 / 8}
+#: about 4.5 bits per weight, as GGUF's Q4 formats. GGUF weight types at llama.cpp's own bits
+#: per weight (blocks of 32 or 256 values with their scales).
+BYTES = {
+    "fp32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "int8": 1,
+    "int4": 4.5 / 8,
+    "q8_0": 8.5 / 8,
+    "q6_k": 6.5625 / 8,
+    "q5_k_m": 5.5 / 8,
+    "q4_k_m": 4.85 / 8,
+    "q4_1": 5 / 8,
+    "q4_0": 4.5 / 8,
+}
+#: GGUF files of the by-hand llama.cpp columns: its 8-bit type and the two 4-bit types its
+#: docs recommend.
+LLAMA_CPP_BY_HAND = ("q8_0", "q4_0", "q4_k_m")
 #: Column order in the tables (the first is the baseline); other columns follow, sorted.
 ORDER = (
     "eager",
@@ -73,6 +89,7 @@ ORDER = (
     "openvino_int8",
     "openvino_int4",
     "ort_int4",
+    *(f"llama_cpp_{weights}" for weights in LLAMA_CPP_BY_HAND),
     "autocpu_strict",
     "autocpu_bf16",
     "autocpu_int8",
@@ -468,8 +485,65 @@ def _autocpu(tolerance: str, tuned: dict[str, Any]) -> Builder:
     return build
 
 
+def _llama_cpp(weights: str) -> Builder:
+    """llama.cpp as its docs set it up: the model converted to GGUF and quantized to
+    ``weights`` (by autocpu's backend, which runs llama.cpp's own converter and quantizer),
+    loaded with llama.cpp's defaults (f16 KV cache, flash attention, a thread per core). It is
+    served behind the same transformers ``generate()`` as the plans; ``raw_tokens_per_s`` is
+    llama.cpp's own decode loop alone (one token per call, argmax in numpy)."""
+
+    def build(ctx: Context) -> Built:
+        from autocpu.backends.base import BuildContext
+        from autocpu.backends.llama_cpp import LlamaCppBackend
+        from autocpu.models import make_spec
+
+        backend, hw = LlamaCppBackend(), autocpu.probe()
+        spec = make_spec(ctx.model, TASK)
+        spec.workload = "generate"
+        params = {**backend.defaults(hw), "weights": weights}
+        params |= {"kv_cache": "f16", "flash_attention": True}
+        started = time.perf_counter()
+        artifacts = ctx.work / "exports" / ctx.model_dir.name / "llama_cpp"
+        built = backend.build(spec, params, BuildContext(hw, [ctx.batch], artifacts))
+        model = backend.bind(built, params).fn
+        setup_s = time.perf_counter() - started
+        raw = raw_decode_tokens_per_s(model.engine, ctx.batch, ctx.settings.new_tokens)
+        info = {"raw_tokens_per_s": raw, "file_mb": built.file.stat().st_size / 2**20}
+        return Built(model, weights, setup_s, info)
+
+    return build
+
+
+def llama_cpp_installed() -> bool:
+    """llama-cpp-python builds from source, so its columns are left out where it is missing."""
+    from autocpu.backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend().missing_packages() is None
+
+
+def raw_decode_tokens_per_s(engine: Any, batch: dict[str, torch.Tensor], new: int) -> float:
+    """llama.cpp's decode loop with nothing around it, as llama-bench times it: the prompt,
+    then ``new`` - 1 steps of one token (argmax in numpy); the best of three."""
+    import numpy as np
+
+    prompt = batch["input_ids"][0].tolist()
+    best = 0.0
+    for _ in range(3):
+        engine.reset(1, len(prompt) + new)
+        wanted = [False] * (len(prompt) - 1) + [True]
+        logits = engine.decode(prompt, range(len(prompt)), [0] * len(prompt), wanted)
+        started = time.perf_counter()
+        for step in range(new - 1):
+            token = int(np.argmax(logits[0]))
+            logits = engine.decode([token], [len(prompt) + step], [0], [True])
+        best = max(best, (new - 1) / (time.perf_counter() - started))
+    return best
+
+
 def weight_precision(backend: str, params: dict[str, Any]) -> str:
     """The precision a plan reads its weights in, which decides a decode step's bytes."""
+    if backend == "llama_cpp":
+        return {"f32": "fp32"}.get(params["weights"], params["weights"])
     weights = {"openvino": params.get("weights"), "onnxruntime": params.get("quantize")}
     found = str(weights.get(backend) or "")
     if found.startswith("int4"):
@@ -485,6 +559,13 @@ BY_HAND: dict[str, tuple[str, Builder]] = {
     "openvino_int8": ("OpenVINO int8 weights (by hand)", _openvino(None, weight_bits=8)),
     "openvino_int4": ("OpenVINO int4 weights, group 64 (by hand)", _openvino(None, weight_bits=4)),
     "ort_int4": ("ORT int4 MatMulNBits (by hand)", _ort_int4),
+    **{
+        f"llama_cpp_{weights}": (
+            f"llama.cpp {weights}, its defaults (by hand)",
+            _llama_cpp(weights),
+        )
+        for weights in LLAMA_CPP_BY_HAND
+    },
 }
 
 
@@ -577,7 +658,8 @@ def column_recipes(ctx: Context, tuned: dict[str, dict[str, Any] | str]) -> list
     """The by-hand columns (fp32 eager, the baseline, first) and the plans, one process each."""
     threads = torch.get_num_threads()
     plans = {f"autocpu_{tolerance}": plan for tolerance, plan in tuned.items()}
-    columns: dict[str, Any] = dict.fromkeys(BY_HAND) | plans
+    by_hand = [n for n in BY_HAND if llama_cpp_installed() or not n.startswith("llama_cpp_")]
+    columns: dict[str, Any] = dict.fromkeys(by_hand) | plans
     return [
         Recipe(
             name,
@@ -763,6 +845,10 @@ def model_table(run: dict) -> list[str]:
             _cell(c["roofline_fraction"], ".0%"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    raw = [c for c in columns if c.get("raw_tokens_per_s")]
+    if raw:
+        loops = ", ".join(f"{c['precision']} {c['raw_tokens_per_s']:.1f}" for c in raw)
+        lines += ["", f"llama.cpp's own decode loop alone (tokens/s, best of three): {loops}."]
     plans = [c for c in columns if c["kind"] == "autocpu" and "key" in c]
     if plans:
         lines += [

