@@ -3,6 +3,7 @@ the plan (generate(), pipelines, streamers), keyed and cached apart from forward
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -123,6 +124,19 @@ def test_fp32_eager_matches_itself_exactly(llama):
     report = gate(llama, llama, Tolerance.strict())
     assert report.passed, report.failures
     assert (report.same_tokens, report.same_prefix, report.min_argmax) == (1.0, NEW_TOKENS, 1.0)
+
+
+def test_the_workload_generates_every_token_through_eos_without_masking_it(llama):
+    inputs = prompts()
+    first = int(llama(**inputs).logits[0, -1].argmax())
+    eos_first = copy.deepcopy(llama.generation_config)
+    eos_first.eos_token_id, eos_first.pad_token_id = first, first
+    model = copy.copy(llama)
+    model.generation_config = eos_first
+    sequences = Generation([inputs], NEW_TOKENS).generate(model, inputs)
+    assert sequences.shape[-1] == inputs["input_ids"].shape[-1] + NEW_TOKENS
+    # EOS is the model's own greedy choice here: it is generated, not masked, and not a stop.
+    assert int(sequences[0, inputs["input_ids"].shape[-1]]) == first
 
 
 def test_a_candidate_that_diverges_after_a_few_tokens_fails_strict_only(llama):
