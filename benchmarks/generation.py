@@ -500,8 +500,7 @@ def _llama_cpp(weights: str) -> Builder:
         backend, hw = LlamaCppBackend(), autocpu.probe()
         spec = make_spec(ctx.model, TASK)
         spec.workload = "generate"
-        params = {**backend.defaults(hw), "weights": weights}
-        params |= {"kv_cache": "f16", "flash_attention": True}
+        params = backend.own_defaults(hw, weights)
         started = time.perf_counter()
         artifacts = ctx.work / "exports" / ctx.model_dir.name / "llama_cpp"
         built = backend.build(spec, params, BuildContext(hw, [ctx.batch], artifacts))
@@ -658,7 +657,8 @@ def column_recipes(ctx: Context, tuned: dict[str, dict[str, Any] | str]) -> list
     """The by-hand columns (fp32 eager, the baseline, first) and the plans, one process each."""
     threads = torch.get_num_threads()
     plans = {f"autocpu_{tolerance}": plan for tolerance, plan in tuned.items()}
-    by_hand = [n for n in BY_HAND if llama_cpp_installed() or not n.startswith("llama_cpp_")]
+    with_llama_cpp = llama_cpp_installed()
+    by_hand = [n for n in BY_HAND if with_llama_cpp or not n.startswith("llama_cpp_")]
     columns: dict[str, Any] = dict.fromkeys(by_hand) | plans
     return [
         Recipe(

@@ -141,20 +141,19 @@ class LlamaCppBackend(Backend):
             "batch_threads": threads,
         }
 
+    def own_defaults(self, hw: CpuInfo, weights: str) -> dict[str, Any]:
+        """``weights`` run as llama.cpp runs them by default: f16 KV cache, flash attention."""
+        return {**self.defaults(hw), "weights": weights, "kv_cache": "f16", "flash_attention": True}
+
     def lossy_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
-        """llama.cpp's usual 8-bit file (q8_0) with its own defaults (f16 KV cache, flash
-        attention), and bf16 weights on CPUs with native bf16."""
-        base = {**self.defaults(hw), "kv_cache": "f16", "flash_attention": True}
-        recipes = [{**base, "weights": "q8_0"}]
-        if hw.native_bf16:
-            recipes.append({**base, "weights": "bf16"})
-        return recipes
+        """llama.cpp's usual 8-bit file (q8_0) at its own defaults, and bf16 weights on CPUs
+        with native bf16."""
+        return [self.own_defaults(hw, w) for w in ("q8_0", *(["bf16"] if hw.native_bf16 else []))]
 
     def int4_defaults(self, spec: ModelSpec, hw: CpuInfo) -> list[dict[str, Any]]:
         """The two 4-bit files llama.cpp's docs recommend: q4_0 (the fastest kernels, repacked
         for AVX2/AVX-512 on load) and q4_k_m (k-quants, 6-bit where it matters most)."""
-        base = {**self.defaults(hw), "kv_cache": "f16", "flash_attention": True}
-        return [{**base, "weights": "q4_0"}, {**base, "weights": "q4_k_m"}]
+        return [self.own_defaults(hw, "q4_0"), self.own_defaults(hw, "q4_k_m")]
 
     def suggest(
         self,
