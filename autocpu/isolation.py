@@ -461,9 +461,11 @@ def answer_requests(
 ) -> None:
     """The far end of a :class:`WarmProcess`: build the served object, say whether that worked,
     then answer requests (a method of it and its arguments) until told to close or the other end
-    is gone. Failures are answered in one line naming ``name``; a build error of an
-    ``explained`` type already is that line."""
+    is gone. Each answer goes once this process's threads are idle (a runtime's pool spinning
+    on after a call would run into the next process's turn). Failures are answered in one line
+    naming ``name``; a build error of an ``explained`` type already is that line."""
     from autocpu.errors import one_line
+    from autocpu.measure import wait_until_idle
 
     try:
         served = build()
@@ -473,6 +475,7 @@ def answer_requests(
     except Exception as error:
         send(channel, (False, f"{name} could not be built: {one_line(error)}"))
         return
+    wait_until_idle()
     send(channel, (True, None))
     while True:
         try:
@@ -482,9 +485,11 @@ def answer_requests(
         if request == "close":
             return
         try:
-            send(channel, (True, getattr(served, request)(*args)))
+            answer = (True, getattr(served, request)(*args))
         except Exception as error:
-            send(channel, (False, f"{name} failed in its worker: {one_line(error)}"))
+            answer = (False, f"{name} failed in its worker: {one_line(error)}")
+        wait_until_idle()
+        send(channel, answer)
 
 
 def guard_worker(job_path: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from autocpu.measure import alternate
+from autocpu.measure import MAX_IDLE_WAIT_S, alternate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,3 +68,22 @@ def test_a_column_that_fails_or_crashes_says_so_in_one_line():
             engine.ask("crash")
     finally:
         engine.close()
+
+
+def test_a_process_answers_only_once_its_own_threads_are_idle():
+    """A runtime's pool spinning on after a call must not run into the next process's turn."""
+    engine = Engine(recipe("spins", seconds=0.001))
+    try:
+        worker = psutil.Process(engine.process.pid)
+        engine.ask("leave_a_thread_spinning", 0.3)
+        answered = sum(worker.cpu_times()[:2])
+        time.sleep(0.4)
+        after_the_answer = sum(worker.cpu_times()[:2]) - answered
+        started = time.perf_counter()
+        engine.ask("leave_a_thread_spinning", 60.0)  # a thread that never idles: waited out
+        waited = time.perf_counter() - started
+        assert engine.turn(0) == pytest.approx(0.001)
+    finally:
+        engine.close()
+    assert after_the_answer < 0.05
+    assert MAX_IDLE_WAIT_S <= waited < MAX_IDLE_WAIT_S + 1.0

@@ -2,10 +2,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 
 from autocpu import measure as measure_module
-from autocpu.measure import interleaved, measure, median_ci_rel, signed_rank_p
+from autocpu.measure import (
+    interleaved,
+    measure,
+    median_ci_rel,
+    signed_rank_p,
+    wait_until_idle,
+)
 
 
 def _sleeper(seconds: float):
@@ -93,3 +100,16 @@ def test_interleaved_goes_on_while_unsettled():
     quick = interleaved(workloads, "base", min_rounds=3, max_time_s=0.05, settled=lambda c: True)
     assert slow.rounds > 2 * quick.rounds and seen == sorted(seen) and seen[-1] >= slow.rounds - 1
     assert slow.p_not_faster["fast"] < 0.001 and slow.p_not_faster["base"] == 1.0
+
+
+def test_wait_until_idle_waits_for_the_process_s_spinning_threads():
+    def spin(seconds: float) -> None:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+    spinner = threading.Thread(target=spin, args=(0.2,))
+    spinner.start()
+    waited = wait_until_idle()
+    assert not spinner.is_alive() and waited >= 0.15
+    assert wait_until_idle() < 0.05  # nothing else runs now

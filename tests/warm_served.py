@@ -4,6 +4,8 @@ which process they run in, and recipes that fail the ways a column's build or ru
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import torch
 
@@ -25,9 +27,19 @@ class NotesItsProcess:
     def doubled(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * 2
 
+    def leave_a_thread_spinning(self, seconds: float) -> None:
+        """Return at once, leaving a thread that spins for ``seconds`` (as runtimes' pools do)."""
+        threading.Thread(target=spin, args=(seconds,), daemon=True).start()
+
     def refuse(self) -> None:
         raise ValueError("this engine cannot do that\nsecond line")
 
 
 def fails_to_build() -> NotesItsProcess:
     raise ValueError("no such engine")
+
+
+def spin(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
