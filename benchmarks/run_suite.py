@@ -6,8 +6,9 @@ columns taking alternating turns (see ``benchmarks.warm``).
     python -m benchmarks.run_suite --models bert-base --shapes b1s128
 
 Results accumulate in ``benchmarks/results/<machine fingerprint>.json`` (a finished model and
-shape is skipped unless ``--force``), so the matrix can be filled in over several runs; the
-markdown table and PNG chart beside it are rewritten from the JSON after every run.
+shape is skipped unless ``--remeasure``, its plans reused, or ``--force``, searched anew), so
+the matrix can be filled in over several runs; the markdown table and PNG chart beside it are
+rewritten from the JSON after every run.
 """
 
 from __future__ import annotations
@@ -346,6 +347,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="re-run finished model/shapes from scratch (their cached plans and studies go)",
     )
     parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure finished model/shapes again with their plans reused (no new search; an "
+        "oracle column needs --oracle for its row, whose cached sweep answers)",
+    )
+    parser.add_argument(
         "--remeasure-peak",
         action="store_true",
         help="measure the GEMM peak again and rescale every column's fraction of it",
@@ -428,16 +435,17 @@ def measure_rows(results: dict, args: argparse.Namespace, path: Path, native_bf1
         for shape in args.shapes:
             run_id = f"{name}/{shape}"
             earlier = None if args.force else results["runs"].get(run_id)
-            if earlier and (
-                not wants_oracle(args, run_id) or "oracle_strict" in earlier["columns"]
-            ):
-                say(f"{run_id}: already measured (--force re-runs it)")
+            lacks_oracle = wants_oracle(args, run_id) and "oracle_strict" not in (
+                earlier or {}
+            ).get("columns", {})
+            if earlier and not (args.remeasure or lacks_oracle):
+                say(f"{run_id}: already measured (--remeasure or --force measure it again)")
                 continue
             if args.force:  # else the tunes would answer from the row's cached plans
                 shutil.rmtree(row_cache(args.work, name, shape), ignore_errors=True)
             if earlier:
                 reused = reuse_plans(earlier, row_cache(args.work, name, shape))
-                say(f"{run_id}: measured again with the oracle; plans reused: {reused or 'none'}")
+                say(f"{run_id}: measured again; plans reused: {reused or 'none'}")
             say(f"{run_id}: start")
             try:
                 results["runs"][run_id] = run_one(name, shape, args, results["gemm_peaks"], earlier)

@@ -163,6 +163,21 @@ def test_an_oracle_asked_for_a_finished_row_reuses_its_shipped_plans(suite, tmp_
     assert not row.endswith("| not run |")
 
 
+def test_remeasure_measures_a_finished_row_again_without_searching(suite):
+    _, work = suite
+    path = work / "results" / f"{autocpu.probe().fingerprint()}.json"
+    before = json.loads(path.read_text())["runs"]["tiny-bert/b1s16"]
+    argv = ["--models", "tiny-bert", "--shapes", "b1s16", "--tolerances", "strict"]
+    argv += ["--remeasure", "--oracle", "none", "--seconds", "1", "--work", str(work)]
+    assert run_suite.main([*argv, "--results", str(work / "results")]) == 0
+    run = json.loads(path.read_text())["runs"]["tiny-bert/b1s16"]
+    plan, earlier_plan = run["columns"]["autocpu_strict"], before["columns"]["autocpu_strict"]
+    assert run["measured"] != before["measured"] and plan["median_ms"] > 0
+    assert plan["key"] == earlier_plan["key"] and plan["tune_from_cache"]
+    for kept in ("tune_s", "study_trials"):
+        assert plan[kept] == earlier_plan[kept], kept
+
+
 def test_force_re_tunes_a_finished_row_instead_of_reloading_its_plans(suite):
     results, work = suite
     key = results["runs"]["tiny-bert/b1s16"]["columns"]["autocpu_strict"]["key"]
