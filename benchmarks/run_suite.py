@@ -435,10 +435,11 @@ def measure_rows(results: dict, args: argparse.Namespace, path: Path, native_bf1
         for shape in args.shapes:
             run_id = f"{name}/{shape}"
             earlier = None if args.force else results["runs"].get(run_id)
-            lacks_oracle = wants_oracle(args, run_id) and "oracle_strict" not in (
-                earlier or {}
-            ).get("columns", {})
-            if earlier and not (args.remeasure or lacks_oracle):
+            if (
+                earlier
+                and not args.remeasure
+                and (not wants_oracle(args, run_id) or "oracle_strict" in earlier["columns"])
+            ):
                 say(f"{run_id}: already measured (--remeasure or --force measure it again)")
                 continue
             if args.force:  # else the tunes would answer from the row's cached plans
